@@ -1,0 +1,110 @@
+"""Command line: ``edgepeft run RECIPE`` runs the pipeline; each stage is also a subcommand.
+
+User mistakes (bad recipe, missing model, bad data) end with one ``edgepeft: error: ...`` line and exit
+status 2; no traceback. ``EDGEPEFT_DEBUG=1`` shows the traceback of any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from edgepeft import __version__
+from edgepeft.errors import EdgepeftError
+
+DEFAULT_OUT = Path("dist")
+
+
+def _out_dir(args, recipe) -> Path:
+    return Path(args.out) if args.out else DEFAULT_OUT / recipe.name
+
+
+def _run(args, first=None, last=None) -> int:
+    from edgepeft import recipe as recipe_mod
+    from edgepeft.pipeline import run_stages
+    from edgepeft.runtime import quiet
+    from edgepeft.stages.registry import STAGES
+
+    quiet()
+    recipe = recipe_mod.load(args.recipe)
+    run_dir = _out_dir(args, recipe)
+    records = run_stages(STAGES, recipe, run_dir, first=first or args.__dict__.get("from_stage"),
+                         last=last or args.__dict__.get("to_stage"), force=args.force,
+                         options={"resume": getattr(args, "resume", False)})
+    summary(records)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def summary(records: dict[str, dict]) -> None:
+    """The figures a user asked for, one line each, from the stage records."""
+    from edgepeft.runtime import mb
+
+    lines = []
+    if "quantize" in records:
+        f = records["quantize"]["figures"]
+        lines.append(f"weights: {mb(f['weight_bytes_before'])} fp32 -> {mb(f['weight_bytes_after'])} "
+                     f"{f['quant_type']} ({f['ratio']}x)")
+    if "train" in records:
+        f = records["train"]["figures"]
+        lines.append(f"adapter: {f['method']}, {f['trainable_parameters']:,} trainable parameters, "
+                     f"{f.get('step_seconds_median', float('nan')):.2f} s/step, peak memory {mb(f['peak_memory_bytes'])}")
+        if "validation_exact_match_adapter" in f:
+            lines.append(f"validation exact match: 4-bit base {100 * f['validation_exact_match_base']:.1f}% -> "
+                         f"4-bit base + adapter {100 * f['validation_exact_match_adapter']:.1f}%")
+    if "merge" in records:
+        f = records["merge"]["figures"]
+        lines.append(f"merge: max |logit diff| vs (4-bit base + adapter) {f['max_logit_diff']:.2e}, "
+                     f"next-token agreement {100 * f['prose']['next_token_agreement']:.2f}%")
+    if lines:
+        print("summary:\n  " + "\n  ".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgepeft.stages.registry import STAGES
+
+    p = argparse.ArgumentParser(prog="edgepeft", description="Fine-tune a small LM QLoRA-style and ship it to the edge.")
+    p.add_argument("--version", action="version", version=f"edgepeft {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("recipe", help="recipe TOML (e.g. export/android.toml)")
+        sp.add_argument("--out", help="run folder (default: dist/<recipe name>)")
+        sp.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
+
+    names = [s.name for s in STAGES]
+    r = sub.add_parser("run", help="run the recipe's stages in order, skipping unchanged ones")
+    common(r)
+    r.add_argument("--from", dest="from_stage", metavar="STAGE", choices=names,
+                   help="start at STAGE (earlier stages must have run)")
+    r.add_argument("--to", dest="to_stage", metavar="STAGE", choices=names, help="stop after STAGE")
+    r.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    r.set_defaults(func=_run)
+    for stage in STAGES:
+        sp = sub.add_parser(stage.name, help=stage.description + " (one stage; earlier ones must have run)")
+        common(sp)
+        if stage.name == "train":
+            sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        sp.set_defaults(func=lambda a, n=stage.name: _run(a, n, n))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgepeftError as e:
+        if os.environ.get("EDGEPEFT_DEBUG"):
+            raise
+        print(f"edgepeft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgepeft: interrupted (finished stages are kept; `--resume` continues training)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

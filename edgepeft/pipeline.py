@@ -1,0 +1,156 @@
+"""The pipeline: an ordered list of stages, each one module with a typed config and one entry function.
+
+A run lives in one folder (default ``dist/<recipe name>``). Stage ``S`` writes its artifacts to ``<run>/S/``
+and a ``record.json`` there: its config, the fingerprints of its inputs, figures it measured, its time and
+the files it wrote. A stage's fingerprint hashes its config, the fingerprints of the stages it reads and
+any outside input it names (model files, data files), so a rerun skips every stage whose inputs and config
+did not change and redoes everything downstream of a change.
+
+A stage writes into ``<run>/.S.tmp`` and is renamed to ``<run>/S`` only when it finished: a failure or an
+interrupt never leaves a half-written stage that a later run would take as done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgepeft import __version__
+from edgepeft.config import as_dict
+from edgepeft.errors import EdgepeftError
+
+RECORD = "record.json"
+
+
+@dataclass
+class StageContext:
+    """What a stage's entry function gets: its config, where to write, and where its inputs are."""
+
+    name: str
+    config: Any
+    recipe: "Any"  # edgepeft.recipe.Recipe
+    run_dir: Path
+    out: Path  # the temporary folder the stage writes into; renamed to run_dir/name on success
+    options: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def input(self, stage: str) -> Path:
+        path = self.run_dir / stage
+        if not (path / RECORD).is_file():
+            raise EdgepeftError(f"stage {self.name!r} needs stage {stage!r}, which has not run in {self.run_dir}")
+        return path
+
+    def record_of(self, stage: str) -> dict:
+        return read_record(self.input(stage))
+
+    @property
+    def work(self) -> Path:
+        """A folder that survives a failed attempt (checkpoints); removed when the stage succeeds."""
+        path = self.run_dir / f".{self.name}.work"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # the recipe tables this stage reads; its config is the first
+    reads: tuple[str, ...]  # stages whose artifacts this stage reads
+    run: Callable[[StageContext], None]
+    outside_inputs: Callable[[Any], dict[str, str]] = lambda recipe: {}
+    description: str = ""
+
+
+def read_record(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / RECORD).read_text())
+
+
+def fingerprint(stage: Stage, recipe, upstream: dict[str, str], outside: dict[str, str]) -> str:
+    payload = {"stage": stage.name, "config": {s: as_dict(recipe.section(s)) for s in stage.sections},
+               "reads": upstream,
+               "outside": outside, "edgepeft": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_table(folder: Path) -> dict[str, dict]:
+    from edgepeft.sources import sha256_file
+
+    table = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != RECORD:
+            table[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    return table
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = None, last: str | None = None,
+               force: bool = False, options: dict[str, Any] | None = None,
+               echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run ``stages`` from ``first`` to ``last`` (inclusive) in ``run_dir``; returns their records."""
+    names = [s.name for s in stages]
+    for label, value in (("--from", first), ("--to", last)):
+        if value is not None and value not in names:
+            raise EdgepeftError(f"{label} {value!r}: unknown stage (stages: {', '.join(names)})")
+    i0 = names.index(first) if first else 0
+    i1 = names.index(last) if last else len(names) - 1
+    if i0 > i1:
+        raise EdgepeftError(f"--from {first} comes after --to {last}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict] = {}
+    for stage in stages[i0:i1 + 1]:
+        upstream = {}
+        for dep in stage.reads:
+            dep_dir = run_dir / dep
+            if not (dep_dir / RECORD).is_file():
+                raise EdgepeftError(f"stage {stage.name!r} needs stage {dep!r}, which has not run in {run_dir} "
+                                    f"(run without --from, or with --from {dep})")
+            upstream[dep] = read_record(dep_dir)["fingerprint"]
+        outside = stage.outside_inputs(recipe)
+        fp = fingerprint(stage, recipe, upstream, outside)
+        final = run_dir / stage.name
+        if not force and (final / RECORD).is_file() and read_record(final).get("fingerprint") == fp:
+            echo(f"[{stage.name}] unchanged since its last run, skipped ({final})")
+            records[stage.name] = read_record(final)
+            continue
+        tmp = run_dir / f".{stage.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        ctx = StageContext(stage.name, recipe.section(stage.sections[0]), recipe, run_dir, tmp,
+                           dict(options or {}), fp)
+        echo(f"[{stage.name}] {stage.description}")
+        t0 = time.time()
+        try:
+            stage.run(ctx)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        record = {"stage": stage.name, "fingerprint": fp, "edgepeft": __version__,
+                  "config": {s: as_dict(recipe.section(s)) for s in stage.sections}, "reads": upstream, "outside": outside,
+                  "figures": ctx.figures, "seconds": round(time.time() - t0, 2),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": file_table(tmp)}
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        _replace_dir(tmp, final)
+        work = run_dir / f".{stage.name}.work"
+        if work.exists():
+            shutil.rmtree(work)
+        echo(f"[{stage.name}] done in {record['seconds']:.1f} s -> {final}")
+        records[stage.name] = record
+    return records

@@ -1,0 +1,61 @@
+"""A recipe: one TOML file describing one bundle (``export/*.toml``). Data, not code.
+
+Each table configures one stage (``[train]`` and ``[adapter]`` both feed the train stage). Every key has a
+default, so a recipe says only what differs; an unknown table or key is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepeft.config import from_table, load_toml
+from edgepeft.errors import EdgepeftError
+from edgepeft.stages.load import ModelConfig
+from edgepeft.stages.merge import MergeConfig
+from edgepeft.stages.quantize import QuantizeConfig
+from edgepeft.stages.train import AdapterConfig, TrainConfig
+
+SECTIONS = {"model": ModelConfig, "quantize": QuantizeConfig, "adapter": AdapterConfig, "train": TrainConfig,
+            "merge": MergeConfig}
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self.path.parent if self.path else None
+
+    def section(self, name: str):
+        return getattr(self, name)
+
+
+def parse(data: dict, where: str, path: Path | None = None) -> Recipe:
+    top = {"name"}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise EdgepeftError(f"{where}: {key} must be a table ([{key}])")
+        elif key not in top:
+            raise EdgepeftError(f"{where}: unknown key or table {key!r} "
+                                f"(known: name, {', '.join('[' + s + ']' for s in SECTIONS)})")
+    name = data.get("name", path.stem if path else "run")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise EdgepeftError(f"{where}: name must be a plain folder name, got {name!r}")
+    sections = {key: from_table(cls, data.get(key), f"{where} [{key}]") for key, cls in SECTIONS.items()}
+    return Recipe(name=name, path=path, **sections)
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    if path.suffix != ".toml" and not path.exists() and (Path("export") / f"{path}.toml").is_file():
+        path = Path("export") / f"{path}.toml"  # `edgepeft run android` finds export/android.toml
+    return parse(load_toml(path), str(path), path.resolve())

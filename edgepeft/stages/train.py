@@ -1,0 +1,294 @@
+"""Stage ``train``: a LoRA or IA3 adapter (peft) on the frozen 4-bit base.
+
+The loop is plain and visible (no hidden trainer): it runs under ``accelerate``, so the same code runs on
+one CPU, one GPU, or several under ``accelerate launch`` / ``torchrun`` (DDP). Each process loads the
+4-bit base on its own device and takes its slice of every global batch.
+
+Speed on small models: the output head over a 49k vocabulary dominates a short-sequence step, so batches are
+left-padded (every completion ends at the right edge) and the model computes logits only for the last
+positions that carry loss (``logits_to_keep``) instead of the whole sequence.
+
+Resuming: the data order and the dropout seed of step ``k`` depend only on (seed, k), so a run resumed from
+a checkpoint takes exactly the steps an uninterrupted run would have. Checkpoints (adapter, optimizer and
+scheduler state) live in ``<run>/.train.work`` until the stage succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from edgepeft.errors import EdgepeftError
+from edgepeft.pipeline import StageContext
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "ia3"] = "lora"
+    # LoRA
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Module names (or "all-linear" for LoRA). Empty: peft's default for the method and architecture.
+    target_modules: list[str] | str | None = "all-linear"
+    # IA3 only: which targeted modules are feed-forward (their input, not output, is scaled).
+    feedforward_modules: list[str] | None = None
+
+    def check(self) -> str | None:
+        if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
+            return "r and alpha must be positive"
+        if self.method == "ia3" and self.target_modules == "all-linear":
+            return "IA3 needs explicit target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"])"
+        return None
+
+
+@dataclass
+class TrainConfig:
+    data: str = "builtin:phone-commands"
+    validation_data: str | None = None
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    checkpoint_every: int = 25
+    gradient_checkpointing: bool = False
+    eval_examples: int = 64  # validation examples scored by exact match (0: skip)
+    eval_max_new_tokens: int = 48
+
+    def check(self) -> str | None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 8:
+            return "steps and batch_size must be positive, max_length > 8"
+        if not self.lr > 0:
+            return "lr must be positive"
+        if self.checkpoint_every <= 0:
+            return "checkpoint_every must be positive"
+        return None
+
+
+def outside_inputs(recipe) -> dict[str, str]:
+    from edgepeft.data import BUILTIN_PREFIX, resolve_path
+    from edgepeft.sources import sha256_file
+
+    out = {}
+    for key in ("data", "validation_data"):
+        spec = getattr(recipe.train, key)
+        if spec and not spec.startswith(BUILTIN_PREFIX):
+            path = resolve_path(spec, recipe.base_dir)
+            if not path.is_file():
+                raise EdgepeftError(f"[train] {key}: file not found: {spec}")
+            out[key] = sha256_file(path)
+    return out
+
+
+def peft_config(adapter: AdapterConfig):
+    from peft import IA3Config, LoraConfig
+
+    if adapter.method == "lora":
+        return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                          target_modules=adapter.target_modules, task_type="CAUSAL_LM")
+    return IA3Config(target_modules=adapter.target_modules, feedforward_modules=adapter.feedforward_modules,
+                     task_type="CAUSAL_LM")
+
+
+def matcher(data: str):
+    from edgepeft.metrics import text_match
+
+    if data == "builtin:phone-commands":
+        from edgepeft.calib.phone_commands import exact_match
+
+        return exact_match
+    return text_match
+
+
+def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """The example indices of global batch ``step``: epoch-wise shuffles that depend on (seed, epoch) only."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * batch:(k + 1) * batch]
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler, losses: list[float]) -> Path:
+    import shutil
+
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    final = work / f"step-{step:06d}"
+    tmp = work / f".step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, tmp / "adapter.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fp, "losses": losses}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(work.glob("step-*"))[:-2]:  # keep the last two
+        shutil.rmtree(old)
+    return final
+
+
+def _latest_checkpoint(work: Path, fp: str) -> Path | None:
+    for ckpt in sorted(work.glob("step-*"), reverse=True):
+        try:
+            if json.loads((ckpt / "meta.json").read_text()).get("fingerprint") == fp:
+                return ckpt
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+    state = torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    meta = json.loads((ckpt / "meta.json").read_text())
+    return meta["step"], meta["losses"]
+
+
+def run(ctx: StageContext) -> None:
+    import torch
+    from accelerate import Accelerator
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from edgepeft.data import IGNORE, collate, encode, load_splits
+    from edgepeft.metrics import exact_match
+    from edgepeft.runtime import load_4bit, mb, peak_memory_bytes
+
+    cfg: TrainConfig = ctx.config
+    adapter: AdapterConfig = ctx.recipe.adapter
+    fp = ctx.fingerprint
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    torch.manual_seed(cfg.seed)
+
+    qdir = ctx.input("quantize") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(qdir)
+    splits = load_splits(cfg.data, cfg.validation_data, ctx.recipe.base_dir, seed=cfg.seed)
+    train = [encode(tokenizer, s, cfg.max_length) for s in splits["train"]]
+    train = [(ids, lab) for ids, lab in train if any(t != IGNORE for t in lab[1:])]
+    if not train:
+        raise EdgepeftError(f"[train] {cfg.data}: no example has tokens to learn from after tokenization")
+    if len(train) < cfg.batch_size:
+        raise EdgepeftError(f"[train] {cfg.data}: {len(train)} examples, fewer than batch_size {cfg.batch_size}")
+
+    model = load_4bit(qdir, device_map={"": str(accelerator.device)})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model = get_peft_model(model, peft_config(adapter))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = ctx.record_of("load")["figures"]["parameters"]  # 4-bit packing hides the true count in the model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
+
+    start, losses = 0, []
+    ckpt = _latest_checkpoint(ctx.work, fp)
+    if ckpt is not None and ctx.options.get("resume"):
+        start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler)
+        print(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
+    elif ckpt is not None:
+        print(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    print(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
+          f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} on {accelerator.device}"
+          + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step_times: list[float] = []
+    tokens = 0
+    model.train()
+    import sys
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not main,
+               mininterval=2 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        idx = _batch_indices(len(train), cfg.batch_size * world, step, cfg.seed)[rank::world]
+        batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in idx], tokenizer.pad_token_id).items()}
+        labels = batch.pop("labels")
+        n = labels.shape[1]
+        has = (labels != IGNORE).any(0).nonzero()
+        keep = n - int(has[0]) + 1 if len(has) else 2  # positions whose logits predict a labelled token
+        keep = min(keep, n)
+        logits = model(**batch, logits_to_keep=keep).logits[:, :-1].float()
+        target = labels[:, n - keep + 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=IGNORE)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+        tokens += int(batch["attention_mask"].sum())
+        step_times.append(time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", s_per_step=f"{step_times[-1]:.2f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and main:
+            _save_checkpoint(ctx.work, step + 1, fp, accelerator.unwrap_model(model), optimizer, scheduler, losses)
+    bar.close()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    if main:
+        model.save_pretrained(ctx.out / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(ctx.out / "adapter")
+
+    figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,
+               "steps": cfg.steps, "resumed_from_step": start, "loss_first": losses[0], "loss_last": losses[-1],
+               "loss_first10_mean": round(statistics.fmean(losses[:10]), 4),
+               "loss_last10_mean": round(statistics.fmean(losses[-10:]), 4), "losses": losses}
+    if step_times:
+        timed = step_times[1:] or step_times
+        figures.update(step_seconds_median=round(statistics.median(timed), 3),
+                       tokens_per_second=round(tokens / sum(step_times), 1))
+    figures["peak_memory_bytes"] = peak_memory_bytes()
+    print(f"  loss {figures['loss_first10_mean']:.3f} -> {figures['loss_last10_mean']:.3f} (mean of first/last 10 "
+          f"steps); {figures.get('step_seconds_median', float('nan')):.2f} s/step, "
+          f"{figures.get('tokens_per_second', 0):.0f} tokens/s; peak memory {mb(figures['peak_memory_bytes'])}")
+
+    if cfg.eval_examples > 0 and main:
+        val = [s for s in splits["validation"] if s.reference is not None][:cfg.eval_examples]
+        if val:
+            match = matcher(cfg.data)
+            kw = {"match": match, "max_new_tokens": cfg.eval_max_new_tokens}
+            with model.disable_adapter():
+                base_acc, _ = exact_match(model, tokenizer, val, **kw)
+            tuned_acc, answers = exact_match(model, tokenizer, val, **kw)
+            figures.update(validation_examples=len(val), validation_exact_match_base=base_acc,
+                           validation_exact_match_adapter=tuned_acc,
+                           validation_samples=[{"reference": s.reference, "answer": a} for s, a in zip(val[:5], answers)])
+            print(f"  validation exact match on {len(val)} examples: 4-bit base {100 * base_acc:.1f}% -> "
+                  f"4-bit base + {adapter.method} {100 * tuned_acc:.1f}%")
+    ctx.figures.update(figures)
+    if not math.isfinite(losses[-1]):
+        raise EdgepeftError("[train] loss became NaN/inf; lower lr")
