@@ -50,7 +50,8 @@ def summary(records: dict[str, dict]) -> None:
     if "train" in records:
         f = records["train"]["figures"]
         lines.append(f"adapter: {f['method']}, {f['trainable_parameters']:,} trainable parameters, "
-                     f"{f.get('step_seconds_median', float('nan')):.2f} s/step, peak memory {mb(f['peak_memory_bytes'])}")
+                     f"{f.get('step_seconds_median', float('nan')):.2f} s/step, "
+                     f"peak memory {mb(f['peak_memory_bytes'])}")
         if "validation_exact_match_adapter" in f:
             lines.append(f"validation exact match: 4-bit base {100 * f['validation_exact_match_base']:.1f}% -> "
                          f"4-bit base + adapter {100 * f['validation_exact_match_adapter']:.1f}%")
@@ -65,7 +66,8 @@ def summary(records: dict[str, dict]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from edgepeft.stages.registry import STAGES
 
-    p = argparse.ArgumentParser(prog="edgepeft", description="Fine-tune a small LM QLoRA-style and ship it to the edge.")
+    p = argparse.ArgumentParser(prog="edgepeft",
+                                description="Fine-tune a small LM QLoRA-style and ship it to the edge.")
     p.add_argument("--version", action="version", version=f"edgepeft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

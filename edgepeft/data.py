@@ -153,7 +153,7 @@ def encode(tokenizer, sample: Sample, max_length: int) -> tuple[list[int], list[
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][:max_length]
     labels = [t if any(s <= a and b <= e and b > a for s, e in spans) else IGNORE
-              for t, (a, b) in zip(ids, enc["offset_mapping"])]
+              for t, (a, b) in zip(ids, enc["offset_mapping"][:len(ids)], strict=True)]
     return ids, labels
 
 

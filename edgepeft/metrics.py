@@ -3,7 +3,7 @@ logits on the same text."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -46,7 +46,7 @@ def exact_match(model, tokenizer, samples: list[Sample], match: Callable[[str, s
     if not samples:
         return float("nan"), []
     answers = greedy_answers(model, tokenizer, samples, **kwargs)
-    hits = sum(match(a, s.reference) for a, s in zip(answers, samples))
+    hits = sum(match(a, s.reference) for a, s in zip(answers, samples, strict=True))
     return hits / len(samples), answers
 
 

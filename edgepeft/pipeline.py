@@ -17,9 +17,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgepeft import __version__
 from edgepeft.config import as_dict
@@ -34,7 +35,7 @@ class StageContext:
 
     name: str
     config: Any
-    recipe: "Any"  # edgepeft.recipe.Recipe
+    recipe: Any  # edgepeft.recipe.Recipe
     run_dir: Path
     out: Path  # the temporary folder the stage writes into; renamed to run_dir/name on success
     options: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +67,9 @@ class Stage:
     run: Callable[[StageContext], None]
     outside_inputs: Callable[[Any], dict[str, str]] = lambda recipe: {}
     description: str = ""
+    # Cheap checks of the recipe's inputs (model found, data parses), run for every selected stage before
+    # the first one starts, so a bad data file fails in a second, not after minutes of earlier stages.
+    preflight: Callable[[Any], None] = lambda recipe: None
 
 
 def read_record(stage_dir: Path) -> dict:
@@ -112,6 +116,8 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
     i1 = names.index(last) if last else len(names) - 1
     if i0 > i1:
         raise EdgepeftError(f"--from {first} comes after --to {last}")
+    for stage in stages[i0:i1 + 1]:
+        stage.preflight(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     for stage in stages[i0:i1 + 1]:
@@ -143,7 +149,8 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         record = {"stage": stage.name, "fingerprint": fp, "edgepeft": __version__,
-                  "config": {s: as_dict(recipe.section(s)) for s in stage.sections}, "reads": upstream, "outside": outside,
+                  "config": {s: as_dict(recipe.section(s)) for s in stage.sections},
+                  "reads": upstream, "outside": outside,
                   "figures": ctx.figures, "seconds": round(time.time() - t0, 2),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": file_table(tmp)}
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -33,8 +33,12 @@ class ModelSource:
     path: Path  # a folder holding config/weights (for GGUF: the folder holding the file)
     gguf_file: str | None = None
 
+    def file_kwargs(self) -> dict:
+        """What transformers' ``from_pretrained`` needs besides the folder to find this source's files."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
     def load_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {"use_safetensors": True}
+        return self.file_kwargs() if self.gguf_file else {"use_safetensors": True}
 
     def files(self) -> list[Path]:
         """The files that define the model's weights and configuration, for hashing."""
@@ -101,7 +105,7 @@ def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+        config = AutoConfig.from_pretrained(source.path, **source.file_kwargs())
     except (ValueError, OSError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgepeftError(f"{source.spec}: cannot read the model configuration: {first}") from None

@@ -21,10 +21,12 @@ class ModelConfig:
         return None if self.source.strip() else "source must not be empty"
 
 
+def preflight(recipe) -> None:
+    load_config(resolve(recipe.model.source, recipe.base_dir))  # found, and a supported architecture
+
+
 def outside_inputs(recipe) -> dict[str, str]:
-    source = resolve(recipe.model.source, recipe.base_dir)
-    load_config(source)  # fail early, with one line, on an unsupported architecture
-    return {"model_files": sha256_files(source.files())}
+    return {"model_files": sha256_files(resolve(recipe.model.source, recipe.base_dir).files())}
 
 
 def run(ctx: StageContext) -> None:
@@ -35,7 +37,7 @@ def run(ctx: StageContext) -> None:
 
     source = resolve(ctx.config.source, ctx.recipe.base_dir)
     config = load_config(source)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.file_kwargs())
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.load_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -89,6 +89,16 @@ def outside_inputs(recipe) -> dict[str, str]:
     return out
 
 
+def preflight(recipe) -> None:
+    from edgepeft.data import load_splits
+
+    cfg = recipe.train
+    splits = load_splits(cfg.data, cfg.validation_data, recipe.base_dir, seed=cfg.seed)
+    if len(splits["train"]) < cfg.batch_size:
+        raise EdgepeftError(f"[train] {cfg.data}: {len(splits['train'])} training examples, fewer than "
+                            f"batch_size {cfg.batch_size}")
+
+
 def peft_config(adapter: AdapterConfig):
     from peft import IA3Config, LoraConfig
 
@@ -234,7 +244,8 @@ def run(ctx: StageContext) -> None:
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         idx = _batch_indices(len(train), cfg.batch_size * world, step, cfg.seed)[rank::world]
-        batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in idx], tokenizer.pad_token_id).items()}
+        batch = collate([train[i] for i in idx], tokenizer.pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         n = labels.shape[1]
         has = (labels != IGNORE).any(0).nonzero()
@@ -286,7 +297,8 @@ def run(ctx: StageContext) -> None:
             tuned_acc, answers = exact_match(model, tokenizer, val, **kw)
             figures.update(validation_examples=len(val), validation_exact_match_base=base_acc,
                            validation_exact_match_adapter=tuned_acc,
-                           validation_samples=[{"reference": s.reference, "answer": a} for s, a in zip(val[:5], answers)])
+                           validation_samples=[{"reference": s.reference, "answer": a}
+                                               for s, a in zip(val[:5], answers[:5], strict=True)])
             print(f"  validation exact match on {len(val)} examples: 4-bit base {100 * base_acc:.1f}% -> "
                   f"4-bit base + {adapter.method} {100 * tuned_acc:.1f}%")
     ctx.figures.update(figures)

