@@ -33,8 +33,9 @@ def _run(args, first=None, last=None) -> int:
     records = run_stages(STAGES, recipe, run_dir, first=first or args.__dict__.get("from_stage"),
                          last=last or args.__dict__.get("to_stage"), force=args.force,
                          options={"resume": getattr(args, "resume", False)})
-    summary(records)
-    print(f"run folder: {run_dir}")
+    if records:  # under a distributed launcher only the main process reports
+        summary(records)
+        print(f"run folder: {run_dir}")
     return 0
 
 

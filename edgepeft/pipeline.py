@@ -70,6 +70,9 @@ class Stage:
     # Cheap checks of the recipe's inputs (model found, data parses), run for every selected stage before
     # the first one starts, so a bad data file fails in a second, not after minutes of earlier stages.
     preflight: Callable[[Any], None] = lambda recipe: None
+    # Run by every process under a distributed launcher (accelerate launch / torchrun). Other stages run on
+    # the main process only, while the rest wait.
+    distributed: bool = False
 
 
 def read_record(stage_dir: Path) -> dict:
@@ -104,6 +107,17 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def _distributed_state():
+    """accelerate's process state when started by a multi-process launcher, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # accelerate forms a CPU process group (gloo) only when told it runs on the CPU
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = None, last: str | None = None,
                force: bool = False, options: dict[str, Any] | None = None,
                echo: Callable[[str], None] = print) -> dict[str, dict]:
@@ -118,9 +132,20 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
         raise EdgepeftError(f"--from {first} comes after --to {last}")
     for stage in stages[i0:i1 + 1]:
         stage.preflight(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = _distributed_state()
+    main = dist is None or dist.is_main_process
+    if not main:
+        echo = _silent
+
+    def barrier():
+        if dist is not None:
+            dist.wait_for_everyone()
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     for stage in stages[i0:i1 + 1]:
+        barrier()  # every process sees the finished folders of the stages before this one
         upstream = {}
         for dep in stage.reads:
             dep_dir = run_dir / dep
@@ -135,19 +160,29 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
             echo(f"[{stage.name}] unchanged since its last run, skipped ({final})")
             records[stage.name] = read_record(final)
             continue
+        if not main and not stage.distributed:
+            continue  # the main process runs it; the next barrier waits for it
         tmp = run_dir / f".{stage.name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        if stage.distributed:
+            barrier()
         ctx = StageContext(stage.name, recipe.section(stage.sections[0]), recipe, run_dir, tmp,
-                           dict(options or {}), fp)
+                           dict(options or {}, main_process=main), fp)
         echo(f"[{stage.name}] {stage.description}")
         t0 = time.time()
         try:
             stage.run(ctx)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if stage.distributed:
+            barrier()
+        if not main:
+            continue
         record = {"stage": stage.name, "fingerprint": fp, "edgepeft": __version__,
                   "config": {s: as_dict(recipe.section(s)) for s in stage.sections},
                   "reads": upstream, "outside": outside,
@@ -160,4 +195,9 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
             shutil.rmtree(work)
         echo(f"[{stage.name}] done in {record['seconds']:.1f} s -> {final}")
         records[stage.name] = record
+    barrier()
     return records
+
+
+def _silent(_: str) -> None:
+    pass

@@ -59,14 +59,19 @@ def exact_cpu_4bit(model) -> int:
     return n
 
 
-def load_4bit(path: Path, device_map=None):
-    """Load a folder written by the quantize stage (bitsandbytes 4-bit safetensors)."""
+def device_map(dev: torch.device) -> dict:
+    """A transformers ``device_map`` placing the whole model on ``dev`` (accelerate may say "cpu:0")."""
+    return {"": "cpu"} if dev.type == "cpu" else {"": f"{dev.type}:{dev.index or 0}"}
+
+
+def load_4bit(path: Path, on: torch.device | None = None):
+    """Load a folder written by the quantize stage (bitsandbytes 4-bit safetensors) onto one device."""
     from transformers import AutoModelForCausalLM
 
-    dev = device()
+    on = on or device()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 device_map=device_map or {"": str(dev)})
-    if dev.type == "cpu":
+                                                 device_map=device_map(on))
+    if on.type == "cpu":
         exact_cpu_4bit(model)
     return model
 

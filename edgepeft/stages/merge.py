@@ -55,7 +55,7 @@ def dequantized_model(qdir):
 
     from edgepeft.runtime import load_4bit
 
-    q = load_4bit(qdir, device_map={"": "cpu"})
+    q = load_4bit(qdir, torch.device("cpu"))
     q.dequantize()
     state = {k: v.detach().to(torch.float32) for k, v in q.state_dict().items()}
     config = AutoConfig.from_pretrained(qdir)
@@ -91,7 +91,7 @@ def run(ctx: StageContext) -> None:
     merged.save_pretrained(ctx.out / "model", safe_serialization=True)
     tokenizer.save_pretrained(ctx.out / "model")
 
-    reference = PeftModel.from_pretrained(load_4bit(qdir, device_map={"": "cpu"}), adir)
+    reference = PeftModel.from_pretrained(load_4bit(qdir, torch.device("cpu")), adir)
     windows = token_windows(tokenizer, eval_text(cfg.eval_text, ctx.recipe.base_dir), cfg.eval_windows,
                             cfg.eval_window_tokens)
     if not windows:

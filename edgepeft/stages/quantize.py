@@ -25,7 +25,7 @@ def run(ctx: StageContext) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from edgepeft.runtime import device, mb
+    from edgepeft.runtime import device, device_map, mb
 
     src = ctx.input("load") / "model"
     cfg = ctx.config
@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> None:
     # dtype float32 keeps the layers bitsandbytes does not quantize (norms, embedding) in fp32; without it
     # they become fp16 and CPU training runs ~6x slower.
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=bnb,
-                                                 use_safetensors=True, device_map={"": str(dev)})
+                                                 use_safetensors=True, device_map=device_map(dev))
     before = ctx.record_of("load")["figures"]["fp32_bytes"]
     after = int(model.get_memory_footprint())
     n4 = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")

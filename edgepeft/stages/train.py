@@ -184,6 +184,8 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list
 
 
 def run(ctx: StageContext) -> None:
+    import sys
+
     import torch
     from accelerate import Accelerator
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -197,8 +199,9 @@ def run(ctx: StageContext) -> None:
     cfg: TrainConfig = ctx.config
     adapter: AdapterConfig = ctx.recipe.adapter
     fp = ctx.fingerprint
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    say = print if main else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
 
     qdir = ctx.input("quantize") / "model"
@@ -211,7 +214,7 @@ def run(ctx: StageContext) -> None:
     if len(train) < cfg.batch_size:
         raise EdgepeftError(f"[train] {cfg.data}: {len(train)} examples, fewer than batch_size {cfg.batch_size}")
 
-    model = load_4bit(qdir, device_map={"": str(accelerator.device)})
+    model = load_4bit(qdir, accelerator.device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model = get_peft_model(model, peft_config(adapter))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -224,11 +227,11 @@ def run(ctx: StageContext) -> None:
     ckpt = _latest_checkpoint(ctx.work, fp)
     if ckpt is not None and ctx.options.get("resume"):
         start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler)
-        print(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
+        say(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
     elif ckpt is not None:
-        print(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
+        say(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    print(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
+    say(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
           f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} on {accelerator.device}"
           + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
 
@@ -236,8 +239,6 @@ def run(ctx: StageContext) -> None:
     step_times: list[float] = []
     tokens = 0
     model.train()
-    import sys
-
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not main,
                mininterval=2 if sys.stderr.isatty() else 30, dynamic_ncols=True)
     for step in range(start, cfg.steps):
@@ -275,6 +276,7 @@ def run(ctx: StageContext) -> None:
         tokenizer.save_pretrained(ctx.out / "adapter")
 
     figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,
+               "processes": world, "global_batch": cfg.batch_size * world,
                "steps": cfg.steps, "resumed_from_step": start, "loss_first": losses[0], "loss_last": losses[-1],
                "loss_first10_mean": round(statistics.fmean(losses[:10]), 4),
                "loss_last10_mean": round(statistics.fmean(losses[-10:]), 4), "losses": losses}
@@ -283,18 +285,20 @@ def run(ctx: StageContext) -> None:
         figures.update(step_seconds_median=round(statistics.median(timed), 3),
                        tokens_per_second=round(tokens / sum(step_times), 1))
     figures["peak_memory_bytes"] = peak_memory_bytes()
-    print(f"  loss {figures['loss_first10_mean']:.3f} -> {figures['loss_last10_mean']:.3f} (mean of first/last 10 "
+    say(f"  loss {figures['loss_first10_mean']:.3f} -> {figures['loss_last10_mean']:.3f} (mean of first/last 10 "
           f"steps); {figures.get('step_seconds_median', float('nan')):.2f} s/step, "
           f"{figures.get('tokens_per_second', 0):.0f} tokens/s; peak memory {mb(figures['peak_memory_bytes'])}")
 
     if cfg.eval_examples > 0 and main:
         val = [s for s in splits["validation"] if s.reference is not None][:cfg.eval_examples]
         if val:
-            match = matcher(cfg.data)
-            kw = {"match": match, "max_new_tokens": cfg.eval_max_new_tokens}
+            bar = tqdm(total=2 * len(val), desc="exact match (base, then adapter)", unit="example",
+                       mininterval=2 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+            kw = {"match": matcher(cfg.data), "max_new_tokens": cfg.eval_max_new_tokens, "progress": bar.update}
             with model.disable_adapter():
                 base_acc, _ = exact_match(model, tokenizer, val, **kw)
             tuned_acc, answers = exact_match(model, tokenizer, val, **kw)
+            bar.close()
             figures.update(validation_examples=len(val), validation_exact_match_base=base_acc,
                            validation_exact_match_adapter=tuned_acc,
                            validation_samples=[{"reference": s.reference, "answer": a}
