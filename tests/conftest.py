@@ -47,8 +47,9 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
 
 
 def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "") -> Path:
-    adapter = ('method = "ia3"\ntarget_modules = ["k_proj", "v_proj", "down_proj"]\n'
-               'feedforward_modules = ["down_proj"]' if method == "ia3" else 'method = "lora"\nr = 8\nalpha = 16')
+    # IA3 with its defaults (k, v, down), as a user gets it by changing only `method`
+    adapter = 'method = "ia3"' if method == "ia3" else 'method = "lora"\nr = 8\nalpha = 16'
+    lr = "" if method == "ia3" else "lr = 0.02"
     path.write_text(f"""
 name = "tiny"
 [model]
@@ -58,7 +59,7 @@ source = "{model_dir.as_posix()}"
 [train]
 steps = {steps}
 batch_size = 4
-lr = 0.02
+{lr}
 warmup_steps = 1
 checkpoint_every = 2
 eval_examples = 4

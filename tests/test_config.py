@@ -47,8 +47,11 @@ def test_recipe_rejects_unknown_table_and_key(tmp_path):
         recipe.parse({"trian": {}}, "r.toml")
     with pytest.raises(EdgepeftError, match=r"r.toml \[train\]: unknown key 'lerning_rate'"):
         recipe.parse({"train": {"lerning_rate": 1e-3}}, "r.toml")
-    with pytest.raises(EdgepeftError, match="IA3 needs explicit target_modules"):
-        recipe.parse({"adapter": {"method": "ia3"}}, "r.toml")
+    with pytest.raises(EdgepeftError, match="IA3 takes named target_modules"):
+        recipe.parse({"adapter": {"method": "ia3", "target_modules": "all-linear"}}, "r.toml")
+    with pytest.raises(EdgepeftError, match="feedforward_modules applies to IA3 only"):
+        recipe.parse({"adapter": {"feedforward_modules": ["down_proj"]}}, "r.toml")
+    assert recipe.parse({"adapter": {"method": "ia3"}}, "r.toml").adapter.target_modules is None
 
 
 def test_default_recipe_parses():

@@ -22,7 +22,7 @@ def test_default_recipe_short_run(tmp_path):
     base = recipe_mod.load("export/android.toml")
     r = recipe_mod.parse({"name": "short", "model": {"source": base.model.source},
                           "adapter": {"method": base.adapter.method, "r": base.adapter.r, "alpha": base.adapter.alpha},
-                          "train": {"steps": 12, "eval_examples": 8, "lr": base.train.lr, "warmup_steps": 2},
+                          "train": {"steps": 12, "eval_examples": 8, "warmup_steps": 2},
                           "merge": {"eval_windows": 2}}, "short recipe")
     out = tmp_path / "run"
     recs = run_stages(STAGES, r, out, echo=print)

@@ -35,8 +35,9 @@ class AdapterConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    # Module names (or "all-linear" for LoRA). Empty: peft's default for the method and architecture.
-    target_modules: list[str] | str | None = "all-linear"
+    # Module names, or "all-linear" (LoRA only). Unset: LoRA takes every linear layer but the output head;
+    # IA3 takes peft's default for the architecture (Llama family: k_proj, v_proj, down_proj).
+    target_modules: list[str] | str | None = None
     # IA3 only: which targeted modules are feed-forward (their input, not output, is scaled).
     feedforward_modules: list[str] | None = None
 
@@ -44,7 +45,9 @@ class AdapterConfig:
         if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
             return "r and alpha must be positive"
         if self.method == "ia3" and self.target_modules == "all-linear":
-            return "IA3 needs explicit target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"])"
+            return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
+        if self.feedforward_modules and self.method != "ia3":
+            return "feedforward_modules applies to IA3 only"
         return None
 
 
@@ -54,7 +57,7 @@ class TrainConfig:
     validation_data: str | None = None
     steps: int = 100
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | None = None  # unset: 1e-3 for LoRA, 1e-2 for IA3 (its few scaling vectors need larger steps)
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_length: int = 256
@@ -67,7 +70,7 @@ class TrainConfig:
     def check(self) -> str | None:
         if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 8:
             return "steps and batch_size must be positive, max_length > 8"
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             return "lr must be positive"
         if self.checkpoint_every <= 0:
             return "checkpoint_every must be positive"
@@ -99,12 +102,15 @@ def preflight(recipe) -> None:
                             f"batch_size {cfg.batch_size}")
 
 
+DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2}
+
+
 def peft_config(adapter: AdapterConfig):
     from peft import IA3Config, LoraConfig
 
     if adapter.method == "lora":
         return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                          target_modules=adapter.target_modules, task_type="CAUSAL_LM")
+                          target_modules=adapter.target_modules or "all-linear", task_type="CAUSAL_LM")
     return IA3Config(target_modules=adapter.target_modules, feedforward_modules=adapter.feedforward_modules,
                      task_type="CAUSAL_LM")
 
@@ -220,7 +226,8 @@ def run(ctx: StageContext) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = ctx.record_of("load")["figures"]["parameters"]  # 4-bit packing hides the true count in the model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = cfg.lr or DEFAULT_LR[adapter.method]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
 
     start, losses = 0, []
@@ -232,7 +239,7 @@ def run(ctx: StageContext) -> None:
         say(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     say(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
-          f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} on {accelerator.device}"
+          f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} at lr {lr:g} on {accelerator.device}"
           + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -276,7 +283,7 @@ def run(ctx: StageContext) -> None:
         tokenizer.save_pretrained(ctx.out / "adapter")
 
     figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,
-               "processes": world, "global_batch": cfg.batch_size * world,
+               "processes": world, "global_batch": cfg.batch_size * world, "lr": lr,
                "steps": cfg.steps, "resumed_from_step": start, "loss_first": losses[0], "loss_last": losses[-1],
                "loss_first10_mean": round(statistics.fmean(losses[:10]), 4),
                "loss_last10_mean": round(statistics.fmean(losses[-10:]), 4), "losses": losses}
