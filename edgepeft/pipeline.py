@@ -79,9 +79,12 @@ def read_record(stage_dir: Path) -> dict:
     return json.loads((stage_dir / RECORD).read_text())
 
 
+def stage_config(stage: Stage, recipe) -> dict[str, dict]:
+    return {s: as_dict(recipe.section(s)) for s in stage.sections}
+
+
 def fingerprint(stage: Stage, recipe, upstream: dict[str, str], outside: dict[str, str]) -> str:
-    payload = {"stage": stage.name, "config": {s: as_dict(recipe.section(s)) for s in stage.sections},
-               "reads": upstream,
+    payload = {"stage": stage.name, "config": stage_config(stage, recipe), "reads": upstream,
                "outside": outside, "edgepeft": __version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -170,7 +173,7 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
         if stage.distributed:
             barrier()
         ctx = StageContext(stage.name, recipe.section(stage.sections[0]), recipe, run_dir, tmp,
-                           dict(options or {}, main_process=main), fp)
+                           dict(options or {}), fp)
         echo(f"[{stage.name}] {stage.description}")
         t0 = time.time()
         try:
@@ -184,8 +187,7 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
         if not main:
             continue
         record = {"stage": stage.name, "fingerprint": fp, "edgepeft": __version__,
-                  "config": {s: as_dict(recipe.section(s)) for s in stage.sections},
-                  "reads": upstream, "outside": outside,
+                  "config": stage_config(stage, recipe), "reads": upstream, "outside": outside,
                   "figures": ctx.figures, "seconds": round(time.time() - t0, 2),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": file_table(tmp)}
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -239,8 +239,8 @@ def run(ctx: StageContext) -> None:
         say(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     say(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
-          f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} at lr {lr:g} on {accelerator.device}"
-          + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
+        f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} at lr {lr:g} on {accelerator.device}"
+        + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
 
     world, rank = accelerator.num_processes, accelerator.process_index
     step_times: list[float] = []
@@ -293,8 +293,8 @@ def run(ctx: StageContext) -> None:
                        tokens_per_second=round(tokens / sum(step_times), 1))
     figures["peak_memory_bytes"] = peak_memory_bytes()
     say(f"  loss {figures['loss_first10_mean']:.3f} -> {figures['loss_last10_mean']:.3f} (mean of first/last 10 "
-          f"steps); {figures.get('step_seconds_median', float('nan')):.2f} s/step, "
-          f"{figures.get('tokens_per_second', 0):.0f} tokens/s; peak memory {mb(figures['peak_memory_bytes'])}")
+        f"steps); {figures.get('step_seconds_median', float('nan')):.2f} s/step, "
+        f"{figures.get('tokens_per_second', 0):.0f} tokens/s; peak memory {mb(figures['peak_memory_bytes'])}")
 
     if cfg.eval_examples > 0 and main:
         val = [s for s in splits["validation"] if s.reference is not None][:cfg.eval_examples]
