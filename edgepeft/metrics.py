@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from edgepeft.data import Sample, prompt_ids
+from edgepeft.data import Sample, collate, prompt_ids
 
 
 def text_match(prediction: str, reference: str) -> bool:
@@ -26,14 +26,11 @@ def greedy_answers(model, tokenizer, samples: list[Sample], batch_size: int = 16
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        n = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), n), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(chunk):
-            ids[j, n - len(p):] = torch.tensor(p)
-            mask[j, n - len(p):] = 1
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+        batch = collate([(p, p) for p in chunk], tokenizer.pad_token_id)
+        n = batch["input_ids"].shape[1]
+        out = model.generate(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop)
         answers += tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)
         if progress:
             progress(len(chunk))

@@ -120,19 +120,22 @@ def check_architecture(config, spec: str) -> None:
                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)} causal LMs)")
 
 
-def sha256_files(paths: list[Path], chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        with p.open("rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def _feed(h, path: Path, chunk: int = 1 << 22) -> None:
     with path.open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One hash over several files, their names included."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        _feed(h, p)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    _feed(h, path)
     return h.hexdigest()
