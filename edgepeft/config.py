@@ -7,12 +7,11 @@ table into that dataclass and rejects unknown keys and wrong types with the file
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomllib
 
 from edgepeft.errors import EdgepeftError
 

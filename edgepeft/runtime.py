@@ -31,6 +31,14 @@ def quiet() -> None:
         pass
 
 
+def progress(total: int, desc: str, unit: str, **kwargs):
+    """A tqdm bar for a long stage: lively on a terminal, one line every 30 s in a CI log."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=2 if sys.stderr.isatty() else 30,
+                dynamic_ncols=True, **kwargs)
+
+
 def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

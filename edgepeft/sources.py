@@ -38,7 +38,7 @@ class ModelSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
     def load_kwargs(self) -> dict:
-        return self.file_kwargs() if self.gguf_file else {"use_safetensors": True}
+        return self.file_kwargs() or {"use_safetensors": True}
 
     def files(self) -> list[Path]:
         """The files that define the model's weights and configuration, for hashing."""

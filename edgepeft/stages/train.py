@@ -190,17 +190,14 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list
 
 
 def run(ctx: StageContext) -> None:
-    import sys
-
     import torch
     from accelerate import Accelerator
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from edgepeft.data import IGNORE, collate, encode, load_splits
     from edgepeft.metrics import exact_match
-    from edgepeft.runtime import load_4bit, mb, peak_memory_bytes
+    from edgepeft.runtime import load_4bit, mb, peak_memory_bytes, progress
 
     cfg: TrainConfig = ctx.config
     adapter: AdapterConfig = ctx.recipe.adapter
@@ -246,8 +243,7 @@ def run(ctx: StageContext) -> None:
     step_times: list[float] = []
     tokens = 0
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not main,
-               mininterval=2 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+    bar = progress(cfg.steps, "train", "step", initial=start, disable=not main)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
@@ -299,8 +295,7 @@ def run(ctx: StageContext) -> None:
     if cfg.eval_examples > 0 and main:
         val = [s for s in splits["validation"] if s.reference is not None][:cfg.eval_examples]
         if val:
-            bar = tqdm(total=2 * len(val), desc="exact match (base, then adapter)", unit="example",
-                       mininterval=2 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+            bar = progress(2 * len(val), "exact match (base, then adapter)", "example")
             kw = {"match": matcher(cfg.data), "max_new_tokens": cfg.eval_max_new_tokens, "progress": bar.update}
             with model.disable_adapter():
                 base_acc, _ = exact_match(model, tokenizer, val, **kw)
