@@ -36,6 +36,40 @@ def _run(args, first=None, last=None) -> int:
     if records:  # under a distributed launcher only the main process reports
         summary(records)
         print(f"run folder: {run_dir}")
+        if "bundle" in records:
+            from edgepeft.stages.bundle import bundle_dir
+
+            print(f"bundle: {bundle_dir(run_dir, recipe)}")
+    return 0
+
+
+def _verify(args) -> int:
+    from edgepeft.bundle import verify
+    from edgepeft.runtime import quiet
+
+    quiet()
+    problems, sample = verify(Path(args.bundle))
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        print(f"edgepeft: verify: {args.bundle}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"OK {args.bundle}: every file matches its manifest; the model loads and generates ({sample!r})")
+    return 0
+
+
+def _generate(args) -> int:
+    from edgepeft.bundle import Runner, check_files, read_manifest
+
+    folder = Path(args.bundle)
+    manifest = read_manifest(folder)
+    if not args.no_check:
+        problems = check_files(folder, manifest)
+        if problems:
+            raise EdgepeftError(f"{folder}: bundle does not match its manifest ({problems[0]}); "
+                                f"run `edgepeft verify {folder}`")
+    answer = Runner(folder, manifest).chat(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens)
+    print(answer.text)
     return 0
 
 
@@ -60,6 +94,25 @@ def summary(records: dict[str, dict]) -> None:
         f = records["merge"]["figures"]
         lines.append(f"merge: max |logit diff| vs (4-bit base + adapter) {f['max_logit_diff']:.2e}, "
                      f"next-token agreement {100 * f['prose']['next_token_agreement']:.2f}%")
+    if "export" in records:
+        f = records["export"]["figures"]
+        lines.append(f"export: fp32 ONNX ({f['exporter']}), max |logit diff| vs merged PyTorch "
+                     f"{f['max_logit_diff']:.2e}")
+    if "requantize" in records:
+        f = records["requantize"]["figures"]
+        lines.append(f"requantize: {f['weights']} block {f['block_size']}: {mb(f['fp32_bytes'])} -> "
+                     f"{mb(f['quantized_bytes'])}; next-token agreement with fp32 "
+                     f"{100 * f['next_token_agreement']:.1f}%, perplexity {f['perplexity_fp32']:.2f} -> "
+                     f"{f['perplexity_quantized']:.2f} ({100 * f['perplexity_change']:+.1f}%)")
+    if "bundle" in records:
+        f = records["bundle"]["figures"]
+        lines.append(f"bundle: {f['bundle']} {mb(f['bundle_bytes'])}; decode {f['decode_ms_per_token']:.2f} ms/token, "
+                     f"prefill {f['prompt_tokens']} tokens {f['prefill_ms']:.0f} ms at {f['threads']} threads")
+        if "exact_match_bundle" in f:
+            ref = (f", (4-bit base + adapter) {100 * f['exact_match_reference']:.1f}%"
+                   if "exact_match_reference" in f else "")
+            lines.append(f"exact match on {f['exact_match_examples']} {f['exact_match_split']} prompts: "
+                         f"bundle {100 * f['exact_match_bundle']:.1f}%{ref}")
     if lines:
         print("summary:\n  " + "\n  ".join(lines))
 
@@ -91,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.name == "train":
             sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         sp.set_defaults(func=lambda a, n=stage.name: _run(a, n, n))
+    v = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest, load it, generate")
+    v.add_argument("bundle", help="bundle folder (dist/<recipe>/bundle/<recipe>-<target>)")
+    v.set_defaults(func=_verify)
+    g = sub.add_parser("generate", help="answer a prompt with a bundle alone (onnxruntime-genai)")
+    g.add_argument("bundle", help="bundle folder")
+    g.add_argument("prompt", help="the user's message")
+    g.add_argument("--system", help="system prompt (default: the one the adapter was trained with, if any)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--no-check", action="store_true", help="skip re-hashing the files first")
+    g.set_defaults(func=_generate)
     return p
 
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepeft import target as target_mod
 from edgepeft.config import from_table, load_toml
 from edgepeft.errors import EdgepeftError
 from edgepeft.stages.load import ModelConfig
 from edgepeft.stages.merge import MergeConfig
 from edgepeft.stages.quantize import QuantizeConfig
+from edgepeft.stages.bundle import BundleConfig
+from edgepeft.stages.export import ExportConfig
+from edgepeft.stages.requantize import RequantizeConfig
 from edgepeft.stages.train import AdapterConfig, TrainConfig
+from edgepeft.target import Target
 
 SECTIONS = {"model": ModelConfig, "quantize": QuantizeConfig, "adapter": AdapterConfig, "train": TrainConfig,
-            "merge": MergeConfig}
+            "merge": MergeConfig, "export": ExportConfig, "requantize": RequantizeConfig, "bundle": BundleConfig}
+DEFAULT_TARGET = "android-arm64"
 
 
 @dataclass
@@ -29,6 +35,10 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    requantize: RequantizeConfig = field(default_factory=RequantizeConfig)
+    bundle: BundleConfig = field(default_factory=BundleConfig)
+    target: Target = field(default_factory=lambda: Target(DEFAULT_TARGET))  # `target = "<name>"`: targets/<name>.toml
 
     @property
     def base_dir(self) -> Path | None:
@@ -39,19 +49,23 @@ class Recipe:
 
 
 def parse(data: dict, where: str, path: Path | None = None) -> Recipe:
-    top = {"name"}
+    top = {"name", "target"}
     for key, value in data.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise EdgepeftError(f"{where}: {key} must be a table ([{key}])")
         elif key not in top:
             raise EdgepeftError(f"{where}: unknown key or table {key!r} "
-                                f"(known: name, {', '.join('[' + s + ']' for s in SECTIONS)})")
+                                f"(known: name, target, {', '.join('[' + s + ']' for s in SECTIONS)})")
     name = data.get("name", path.stem if path else "run")
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise EdgepeftError(f"{where}: name must be a plain folder name, got {name!r}")
     sections = {key: from_table(cls, data.get(key), f"{where} [{key}]") for key, cls in SECTIONS.items()}
-    return Recipe(name=name, path=path, **sections)
+    spec = data.get("target", DEFAULT_TARGET)
+    if not isinstance(spec, str) or not spec:
+        raise EdgepeftError(f"{where}: target must be a target name or a .toml path, got {spec!r}")
+    target = target_mod.load(spec, path.parent if path else None)
+    return Recipe(name=name, path=path, target=target, **sections)
 
 
 def load(path: str | Path) -> Recipe:

@@ -139,3 +139,58 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     _feed(h, path)
     return h.hexdigest()
+
+
+def load_tokenizer(source: ModelSource):
+    """The source's tokenizer; for GGUF, repaired from the file's own metadata.
+
+    transformers' GGUF converter turns a GPT-2-style (byte-level BPE) vocabulary into a hybrid: a Llama
+    tokenizer class with SentencePiece byte fallback, a BOS token prepended, and the wrong end-of-sequence
+    token (SmolLM2's file says eos = ``<|im_end|>``, the conversion says ``<|im_start|>``). Hugging Face code
+    copes, but onnxruntime-genai reads ``tokenizer.json`` literally and then maps most text to unknown ids.
+    The repaired tokenizer encodes text to the same ids and is what every later stage and the bundle use.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source.path, **source.file_kwargs())
+    if source.gguf_file:
+        tok = _repair_gguf_tokenizer(tok, source.path / source.gguf_file)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _repair_gguf_tokenizer(tok, path: Path):
+    import json
+
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, processors
+    from transformers import GPT2TokenizerFast
+
+    fields = GGUFReader(path).fields
+
+    def meta(key):
+        f = fields.get(key)
+        if f is None:
+            return None
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if key == "tokenizer.ggml.model" else int(value[0])
+
+    if meta("tokenizer.ggml.model") != "gpt2":
+        return tok
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    backend["model"]["byte_fallback"] = False
+    backend["decoder"] = json.loads(decoders.ByteLevel().__getstate__())
+    backend["post_processor"] = json.loads(processors.ByteLevel(trim_offsets=False).__getstate__())
+    fixed = Tokenizer.from_str(json.dumps(backend))
+
+    def token(key, default):
+        i = meta(key)
+        return fixed.id_to_token(i) if i is not None else default
+
+    return GPT2TokenizerFast(tokenizer_object=fixed, bos_token=token("tokenizer.ggml.bos_token_id", tok.bos_token),
+                             eos_token=token("tokenizer.ggml.eos_token_id", tok.eos_token),
+                             pad_token=token("tokenizer.ggml.padding_token_id", tok.pad_token),
+                             unk_token=tok.unk_token, chat_template=tok.chat_template,
+                             add_bos_token=bool(meta("tokenizer.ggml.add_bos_token") or 0),
+                             model_max_length=tok.model_max_length)

@@ -15,13 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     """The built-in model's tokenizer (with chat template), saved once as plain HF files."""
-    from transformers import AutoTokenizer
+    from edgepeft.sources import load_tokenizer, resolve
 
-    from edgepeft.sources import resolve
-
-    src = resolve("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    tok.pad_token = tok.pad_token or tok.eos_token
+    tok = load_tokenizer(resolve("smollm2-135m-instruct"))
     out = tmp_path_factory.mktemp("tokenizer")
     tok.save_pretrained(out)
     return out
@@ -46,12 +42,16 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
     return out
 
 
-def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "") -> Path:
+def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "",
+                 tail: str = "", target: str | None = None) -> Path:
+    """A fast recipe for the tiny model; ``extra`` goes into [train], ``tail`` after every table."""
     # IA3 with its defaults (k, v, down), as a user gets it by changing only `method`
+    head = f'target = "{target}"' if target else ""
     adapter = 'method = "ia3"' if method == "ia3" else 'method = "lora"\nr = 8\nalpha = 16'
     lr = "" if method == "ia3" else "lr = 0.02"
     path.write_text(f"""
 name = "tiny"
+{head}
 [model]
 source = "{model_dir.as_posix()}"
 [adapter]
@@ -69,7 +69,20 @@ eval_max_new_tokens = 8
 eval_windows = 2
 eval_window_tokens = 32
 max_logit_diff = 0.001
-""")
+[export]
+eval_windows = 2
+eval_window_tokens = 32
+decode_check_tokens = 8
+[requantize]
+eval_windows = 2
+eval_window_tokens = 32
+[bundle]
+test_examples = 4
+max_new_tokens = 8
+latency_prompt_tokens = 16
+latency_decode_tokens = 4
+latency_repeats = 1
+{tail}""")
     return path
 
 

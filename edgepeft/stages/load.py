@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgepeft.pipeline import StageContext
-from edgepeft.sources import DEFAULT_MODEL, load_config, resolve, sha256_files
+from edgepeft.sources import DEFAULT_MODEL, load_config, load_tokenizer, resolve, sha256_files
 
 
 @dataclass
@@ -31,16 +31,14 @@ def outside_inputs(recipe) -> dict[str, str]:
 
 def run(ctx: StageContext) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from edgepeft.runtime import mb, param_count
 
     source = resolve(ctx.config.source, ctx.recipe.base_dir)
     config = load_config(source)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.file_kwargs())
+    tokenizer = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.load_kwargs())
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.save_pretrained(ctx.out / "model", safe_serialization=True)
     tokenizer.save_pretrained(ctx.out / "model")
     n = param_count(model)

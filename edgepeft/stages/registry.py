@@ -1,9 +1,9 @@
-"""The pipeline's stages in order. Later issues append requantize, export, bundle."""
+"""The pipeline's stages in order: base model -> 4-bit -> adapter -> merged -> ONNX -> int4 -> bundle."""
 
 from __future__ import annotations
 
 from edgepeft.pipeline import Stage
-from edgepeft.stages import load, merge, quantize, train
+from edgepeft.stages import bundle, export, load, merge, quantize, requantize, train
 
 STAGES = [
     Stage("load", ("model",), (), load.run, load.outside_inputs,
@@ -13,5 +13,11 @@ STAGES = [
           "train the adapter on the frozen 4-bit base", train.preflight, distributed=True),
     Stage("merge", ("merge",), ("quantize", "train"), merge.run,
           description="merge the adapter into the dequantized base, check it against (4-bit base + adapter)"),
+    Stage("export", ("export", "target"), ("merge",), export.run,
+          description="export the merged model to fp32 ONNX with a KV cache, check it against PyTorch"),
+    Stage("requantize", ("requantize", "target"), ("export",), requantize.run,
+          description="quantize the ONNX weights for the target (block-wise int4/int8), measure the cost"),
+    Stage("bundle", ("bundle", "target"), ("requantize", "load", "quantize", "train"), bundle.run,
+          description="write the deployable bundle, measure its latency and task accuracy, seal its manifest"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

@@ -1,0 +1,120 @@
+"""Running an exported decoder with ONNX Runtime: prefill, one-token decode steps with the KV cache,
+logit comparisons, perplexity and latency. Shared by the export, requantize and bundle stages and by the
+benchmark.
+
+The graphs follow onnxruntime-genai's decoder layout (the model builder writes it, ``genai_config.json``
+describes it): inputs ``input_ids``, ``attention_mask`` and ``past_key_values.N.key|value`` shaped
+(batch, kv_heads, past_length, head_size); outputs ``logits`` and ``present.N.key|value``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class Decoder:
+    """One decoder graph: ``prefill`` a prompt, then ``step`` one token at a time on the returned cache."""
+
+    def __init__(self, model_file: Path, threads: int | None = None, genai_config: Path | None = None):
+        cfg = json.loads((genai_config or Path(model_file).parent / "genai_config.json").read_text())["model"]
+        dec = cfg["decoder"]
+        self.kv_heads, self.head_size = dec["num_key_value_heads"], dec["head_size"]
+        self.vocab_size = cfg["vocab_size"]
+        self.session = session(model_file, threads)
+        self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def _run(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int):
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}
+        for name in self.past:
+            feeds[name] = cache[name] if cache else np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
+        out = dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
+        nxt = {name: out[name.replace("past_key_values.", "present.")] for name in self.past}
+        return out["logits"][0], nxt
+
+    def prefill(self, ids: list[int]):
+        """Logits for every position of ``ids`` (shape [len, vocab]) and the KV cache after them."""
+        return self._run(np.asarray([ids], np.int64), None, len(ids))
+
+    def step(self, token: int, cache, total: int):
+        """Logits for one more token (the cache holds ``total - 1`` tokens) and the grown cache."""
+        logits, cache = self._run(np.asarray([[token]], np.int64), cache, total)
+        return logits[-1], cache
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+def perplexity(logits_per_window: list[np.ndarray], windows: list[list[int]]) -> float:
+    nll, n = 0.0, 0
+    for logits, ids in zip(logits_per_window, windows, strict=True):
+        lp = log_softmax(logits[:-1])
+        nll -= lp[np.arange(len(ids) - 1), ids[1:]].sum()
+        n += len(ids) - 1
+    return float(np.exp(nll / max(n, 1)))
+
+
+def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
+    """Largest absolute logit difference and next-token (argmax) agreement, over matching windows."""
+    worst, agree, total = 0.0, 0, 0
+    for a, b in zip(reference, candidate, strict=True):
+        worst = max(worst, float(np.abs(a - b).max()))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+    return {"max_logit_diff": worst, "next_token_agreement": agree / max(total, 1), "tokens": total}
+
+
+def decode_logits(decoder: Decoder, ids: list[int], prompt: int) -> np.ndarray:
+    """Logits of ``ids[prompt:]`` computed the way generation does: a prefill of ``ids[:prompt]``, then one
+    cached step per token. Row i predicts the token after ``ids[prompt + i]``."""
+    _, cache = decoder.prefill(ids[:prompt])
+    rows = []
+    for i in range(prompt, len(ids)):
+        logits, cache = decoder.step(ids[i], cache, i + 1)
+        rows.append(logits)
+    return np.stack(rows)
+
+
+def latency(decoder: Decoder, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
+            seed: int = 0) -> dict[str, float]:
+    """Prefill time for a ``prompt_tokens`` prompt and decode time per token (greedy, batch 1), medians
+    over ``repeats`` runs after one warm-up run."""
+    rng = np.random.default_rng(seed)
+    prompt = [int(t) for t in rng.integers(100, decoder.vocab_size - 1, size=prompt_tokens)]
+    prefill_s, step_s = [], []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        logits, cache = decoder.prefill(prompt)
+        t1 = time.perf_counter()
+        token, total, steps = int(logits[-1].argmax()), prompt_tokens, []
+        for _ in range(decode_tokens):
+            total += 1
+            t = time.perf_counter()
+            logits, cache = decoder.step(token, cache, total)
+            steps.append(time.perf_counter() - t)
+            token = int(logits.argmax())
+        if r:  # the first run warms caches and the thread pool
+            prefill_s.append(t1 - t0)
+            step_s.append(statistics.median(steps))
+    return {"prefill_ms": 1000 * statistics.median(prefill_s), "decode_ms_per_token": 1000 * statistics.median(step_s),
+            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats}

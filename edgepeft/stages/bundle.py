@@ -1,0 +1,216 @@
+"""Stage ``bundle``: the folder an app team ships, ``<run>/bundle/<recipe>-<target>/``.
+
+It holds the quantized model in the target's formats (``model.onnx`` and/or ``model.ort`` with
+``model.required_operators.config``, the input of a reduced-operator ONNX Runtime build), the tokenizer
+and chat template, a ``genai_config.json`` so onnxruntime-genai runs the folder as it is, and
+``manifest.json`` (see ``edgepeft.bundle``).
+
+The ORT-format file is converted with every graph optimization except constant folding: folding would
+materialize a reshaped copy of the output head's weights for the shared embedding (+14 MB on SmolLM2)
+and undo the sharing. The converted file is loaded back before it is shipped.
+
+Before sealing the manifest the stage measures the bundle as shipped: decode latency per token and
+prefill time at the target's thread count (ONNX Runtime, batch 1), and exact match on the task's test
+prompts through onnxruntime-genai alone, next to the (4-bit base + adapter) reference's on the same
+prompts. The pipeline writes the stage into a temporary folder and renames it when done, so a failure
+leaves no half bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepeft import __version__
+from edgepeft.errors import EdgepeftError
+from edgepeft.pipeline import StageContext
+
+# onnxruntime-genai reads tokenizer.json (+ its config); vocab.json/merges.txt would only repeat it (1.3 MB)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+MODEL_FILES = {"onnx": "model.onnx", "ort": "model.ort"}
+ORT_CONFIG = "model.required_operators.config"
+
+
+@dataclass
+class BundleConfig:
+    test_examples: int = 128  # task prompts answered through the bundle (0: skip); built-in tasks use their test split
+    reference_exact_match: bool = True  # also score (4-bit base + adapter) in PyTorch on the same prompts
+    max_new_tokens: int = 48
+    latency_prompt_tokens: int = 128
+    latency_decode_tokens: int = 32
+    latency_repeats: int = 3
+
+    def check(self) -> str | None:
+        if self.test_examples < 0 or self.max_new_tokens <= 0:
+            return "test_examples must not be negative and max_new_tokens must be positive"
+        if self.latency_prompt_tokens <= 0 or self.latency_decode_tokens <= 0 or self.latency_repeats <= 0:
+            return "latency_prompt_tokens, latency_decode_tokens and latency_repeats must be positive"
+        return None
+
+
+def to_ort(onnx_file: Path, ort_file: Path) -> None:
+    """Convert to ORT format (optimized, no constant folding) and write the required-operators config."""
+    import logging
+
+    import onnxruntime as ort
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(ort_file)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
+    create_config_from_models([ort_file], ort_file.with_name(ORT_CONFIG), enable_type_reduction=False)
+    try:
+        ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise EdgepeftError(f"[bundle] the converted ORT-format model does not load: {str(e).splitlines()[0]}") from None
+
+
+def test_samples(recipe, n: int):
+    from edgepeft.data import load_splits
+
+    t = recipe.train
+    splits = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)
+    samples = [s for s in splits.get("test") or splits["validation"] if s.reference is not None]
+    return samples[:n], ("test" if "test" in splits else "validation")
+
+
+def system_prompt(samples) -> str | None:
+    firsts = {s.messages[0][1] for s in samples if s.messages and s.messages[0][0] == "system"}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def adapter_hash(ctx: StageContext) -> str:
+    import hashlib
+
+    files = ctx.record_of("train")["files"]
+    h = hashlib.sha256()
+    for rel in sorted(f for f in files if f.startswith("adapter/")):
+        h.update(f"{rel}\0{files[rel]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def bundle_exact_match(runner, samples, match, max_new_tokens: int) -> tuple[float, list[str], float]:
+    from edgepeft.runtime import progress
+
+    hits, answers, tokens, seconds = 0, [], 0, 0.0
+    with progress(len(samples), "exact match (bundle)", "example") as bar:
+        for s in samples:
+            ids = runner.prompt_ids(messages=list(s.messages[:-1])) if s.messages else runner.prompt_ids(text=s.prompt)
+            a = runner.generate(ids, max_new_tokens)
+            answers.append(a.text)
+            hits += match(a.text, s.reference)
+            tokens += a.tokens
+            seconds += a.seconds
+            bar.update(1)
+    return hits / len(samples), answers, tokens / seconds if seconds else float("nan")
+
+
+def reference_exact_match(ctx: StageContext, samples, match, max_new_tokens: int) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from edgepeft.metrics import exact_match
+    from edgepeft.runtime import load_4bit, progress
+
+    adir = ctx.input("train") / "adapter"
+    tokenizer = AutoTokenizer.from_pretrained(adir)
+    model = PeftModel.from_pretrained(load_4bit(ctx.input("quantize") / "model", torch.device("cpu")), adir)
+    with progress(len(samples), "exact match (4-bit base + adapter)", "example") as bar:
+        acc, _ = exact_match(model, tokenizer, samples, match=match, max_new_tokens=max_new_tokens,
+                             progress=bar.update)
+    return acc
+
+
+def run(ctx: StageContext) -> None:
+    from edgepeft.bundle import Runner, read_manifest, write_manifest
+    from edgepeft.config import as_dict
+    from edgepeft.onnx_model import Decoder, latency
+    from edgepeft.runtime import mb
+    from edgepeft.stages.train import matcher
+
+    cfg: BundleConfig = ctx.config
+    recipe, target = ctx.recipe, ctx.recipe.target
+    src = ctx.input("requantize") / "model"
+    name = f"{recipe.name}-{target.name}"
+    out = ctx.out / name
+    out.mkdir()
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copy2(src / f, out / f)
+    if "onnx" in target.formats:
+        for f in src.glob("model.onnx*"):
+            shutil.copy2(f, out / f.name)
+    t0 = time.time()
+    if "ort" in target.formats:
+        to_ort(src / "model.onnx", out / MODEL_FILES["ort"])
+    convert_seconds = time.time() - t0
+    model_file = MODEL_FILES[target.formats[0]]
+
+    genai = json.loads((src / "genai_config.json").read_text())
+    decoder = genai["model"]["decoder"]
+    decoder["filename"] = model_file
+    decoder.setdefault("session_options", {})["intra_op_num_threads"] = target.threads
+    decoder["session_options"]["inter_op_num_threads"] = 1
+    (out / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
+
+    samples, split = test_samples(recipe, cfg.test_examples) if cfg.test_examples else ([], None)
+    eos = genai["model"].get("eos_token_id", [])
+    stops = sorted(set(eos if isinstance(eos, list) else [eos]))
+    manifest = {
+        "name": name, "edgepeft": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "target": as_dict(target), "model_file": model_file, "runtime": target.runtime,
+        "recipe": {"name": recipe.name, "path": str(recipe.path) if recipe.path else None,
+                   **{s: as_dict(recipe.section(s)) for s in ("model", "quantize", "adapter", "train", "merge",
+                                                               "export", "requantize", "bundle")}},
+        "base_model_sha256": ctx.record_of("load")["outside"]["model_files"],
+        "adapter_sha256": adapter_hash(ctx),
+        "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
+    }
+    write_manifest(out, manifest)  # provisional: lets the runner read the prompt settings
+
+    lat = latency(Decoder(out / model_file, target.threads, out / "genai_config.json"), cfg.latency_prompt_tokens,
+                  cfg.latency_decode_tokens, cfg.latency_repeats)
+    figures = {"threads": target.threads, "formats": target.formats, "model_file": model_file,
+               "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
+               **lat}
+    if samples:
+        match = matcher(recipe.train.data)
+        runner = Runner(out, read_manifest(out))
+        acc, answers, tps = bundle_exact_match(runner, samples, match, cfg.max_new_tokens)
+        del runner
+        figures.update(exact_match_split=split, exact_match_examples=len(samples), exact_match_bundle=acc,
+                       generate_tokens_per_second=tps, examples=[{"prompt": s.messages[-2][1] if s.messages else s.prompt,
+                                                                  "answer": a, "reference": s.reference}
+                                                                 for s, a in list(zip(samples, answers))[:5]])
+        if cfg.reference_exact_match:
+            figures["exact_match_reference"] = reference_exact_match(ctx, samples, match, cfg.max_new_tokens)
+    (out / "manifest.json").unlink()
+    upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize")}
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    figures["bundle_bytes_before_manifest"] = total
+    write_manifest(out, {**manifest, "figures": {"bundle": figures, **upstream}})
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    figures.update(bundle=name, bundle_bytes=total)
+    ctx.figures.update(figures)
+    line = (f"  {name}: {mb(total)}, decode {lat['decode_ms_per_token']:.2f} ms/token and prefill "
+            f"{lat['prompt_tokens']} tokens {lat['prefill_ms']:.0f} ms at {target.threads} threads")
+    if samples:
+        line += f"; exact match on {len(samples)} {split} prompts: bundle {100 * figures['exact_match_bundle']:.1f}%"
+        if "exact_match_reference" in figures:
+            line += f", (4-bit base + adapter) {100 * figures['exact_match_reference']:.1f}%"
+    print(line)
+    if target.max_bundle_mb is not None and total > target.max_bundle_mb * 1e6:
+        raise EdgepeftError(f"[bundle] {name} is {mb(total)}, over target {target.name}'s budget of "
+                            f"{target.max_bundle_mb:g} MB")
+
+
+def bundle_dir(run_dir: Path, recipe) -> Path:
+    return run_dir / "bundle" / f"{recipe.name}-{recipe.target.name}"

@@ -1,0 +1,80 @@
+"""A deployment target: one TOML file in ``targets/`` saying what the device runs and how weights ship.
+
+A recipe names its target (``target = "android-arm64"``); the stages read it: ``export`` checks the opset,
+``requantize`` takes the weight and activation precision, ``bundle`` writes the formats and measures at
+the target's thread count. Data, not code: a new device is a new TOML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgepeft.config import from_table, load_toml
+from edgepeft.errors import EdgepeftError
+
+FORMATS = ("onnx", "ort")
+# MatMulNBits' accuracy_level: the precision its kernels compute in. 4 = int8 activations (fast integer
+# dot products), 1 = fp32 (exact dequantize-then-multiply).
+ACCURACY_LEVEL = {"int8": 4, "fp32": 1}
+
+
+@dataclass
+class Target:
+    name: str
+    runtime: Literal["onnxruntime-genai"] = "onnxruntime-genai"
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    threads: int = 2
+    opset: int = 21
+    weights: Literal["int4", "int8"] = "int4"
+    block_size: int = 32
+    symmetric: bool = True
+    activations: Literal["int8", "fp32"] = "int8"
+    quantize_embedding: bool = True
+    max_bundle_mb: float | None = None
+    description: str = ""
+
+    def check(self) -> str | None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            return f"formats must be a non-empty list of {', '.join(FORMATS)} (got {self.formats})"
+        if self.threads < 1:
+            return "threads must be at least 1"
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            return f"block_size must be a power of two, at least 16 (got {self.block_size})"
+        return None
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.weights == "int4" else 8
+
+    @property
+    def accuracy_level(self) -> int:
+        return ACCURACY_LEVEL[self.activations]
+
+
+def search_dirs(base_dir: Path | None) -> list[Path]:
+    dirs = [Path.cwd() / "targets", Path(__file__).resolve().parents[1] / "targets"]  # last: the source tree
+    if base_dir is not None:
+        dirs.insert(0, base_dir.parent / "targets")  # export/android.toml -> targets/
+        dirs.insert(0, base_dir / "targets")
+    return dirs
+
+
+def load(spec: str, base_dir: Path | None = None) -> Target:
+    """A target by name (``targets/<name>.toml``, searched next to the recipe and in the working folder)
+    or by path to a TOML file."""
+    if spec.endswith(".toml"):
+        path = Path(spec)
+        if base_dir is not None and not path.is_absolute() and not path.exists():
+            path = base_dir / path
+    else:
+        found = [d / f"{spec}.toml" for d in search_dirs(base_dir) if (d / f"{spec}.toml").is_file()]
+        if not found:
+            known = sorted({p.stem for d in search_dirs(base_dir) if d.is_dir() for p in d.glob("*.toml")})
+            raise EdgepeftError(f"unknown target {spec!r} (known: {', '.join(known) or 'none found'})")
+        path = found[0]
+    table = load_toml(path)
+    table.setdefault("name", path.stem)
+    return from_table(Target, table, str(path))

@@ -1,0 +1,189 @@
+"""Export, requantize and bundle on the tiny model: the fast end-to-end run CI makes, then the bundle's
+integrity checks (verify, tampering, paths), and the ONNX graph work checked against references."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgepeft import recipe as recipe_mod
+from edgepeft.bundle import MANIFEST, Runner, check_files, read_manifest, verify
+from edgepeft.errors import EdgepeftError
+from edgepeft.onnx_model import Decoder
+from edgepeft.pipeline import run_stages
+from edgepeft.stages.registry import STAGES
+from tests.conftest import write_recipe
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    """One full pipeline run on the tiny model, shared by the tests of this module (read-only)."""
+    root = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(root / "tiny.toml", tiny_model_dir)
+    out = root / "run"
+    records = run_stages(STAGES, recipe_mod.load(recipe), out, echo=lambda s: None)
+    return {"recipe": recipe, "out": out, "records": records,
+            "bundle": out / "bundle" / "tiny-android-arm64"}
+
+
+def test_end_to_end_bundle_contents(run):
+    b = run["bundle"]
+    names = {p.name for p in b.iterdir()}
+    assert {"model.ort", "model.required_operators.config", "genai_config.json", "tokenizer.json",
+            "chat_template.jinja", MANIFEST} <= names
+    assert "model.onnx" not in names  # the Android target ships the ORT format only
+    genai = json.loads((b / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["filename"] == "model.ort"
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2
+    ops = (b / "model.required_operators.config").read_text()
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops and "GroupQueryAttention" in ops
+
+    m = read_manifest(b)
+    assert set(m["files"]) == names - {MANIFEST}
+    assert m["target"]["name"] == "android-arm64" and m["recipe"]["name"] == "tiny"
+    assert m["base_model_sha256"] == run["records"]["load"]["outside"]["model_files"]
+    assert len(m["adapter_sha256"]) == 64
+    assert m["prompt"]["system"].startswith("Turn the phone request")
+    figures = m["figures"]
+    assert figures["export"]["max_logit_diff"] <= 1e-3 and figures["export"]["decode"]["tokens"] == 8
+    assert figures["requantize"]["embedding"] == "shared with the head, int4"
+    assert figures["requantize"]["quantized_bytes"] < figures["requantize"]["fp32_bytes"] / 4
+    bundle = figures["bundle"]
+    assert bundle["decode_ms_per_token"] > 0 and bundle["exact_match_examples"] == 4
+    assert 0 <= bundle["exact_match_bundle"] <= 1 and 0 <= bundle["exact_match_reference"] <= 1
+
+
+def test_verify_passes_then_fails_on_any_changed_byte(run, tmp_path):
+    problems, sample = verify(run["bundle"])
+    assert problems == [] and sample is not None
+    for f in sorted(p.name for p in run["bundle"].iterdir()):
+        copy = tmp_path / f"copy-{f}"
+        shutil.copytree(run["bundle"], copy)
+        data = bytearray((copy / f).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / f).write_bytes(bytes(data))
+        try:
+            problems, _ = verify(copy)
+        except EdgepeftError:  # a manifest that no longer parses
+            problems = ["unreadable manifest"]
+        assert problems, f"a changed byte in {f} went unnoticed"
+        shutil.rmtree(copy)
+
+
+def test_verify_cli_exit_codes(run, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "edgepeft.cli", "verify", str(run["bundle"])],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    copy = tmp_path / "b"
+    shutil.copytree(run["bundle"], copy)
+    (copy / "extra.bin").write_bytes(b"not in the manifest")
+    bad = subprocess.run([sys.executable, "-m", "edgepeft.cli", "verify", str(copy)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "extra.bin: not listed" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "edgepeft.cli", "verify", str(tmp_path / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_manifest_paths_cannot_leave_the_bundle(run, tmp_path):
+    from edgepeft.bundle import seal
+
+    copy = tmp_path / "b"
+    shutil.copytree(run["bundle"], copy)
+    m = json.loads((copy / MANIFEST).read_text())
+    m["files"]["../outside.txt"] = {"bytes": 1, "sha256": "0" * 64}
+    (copy / MANIFEST).write_bytes(seal(m))
+    with pytest.raises(EdgepeftError, match="outside the bundle"):
+        read_manifest(copy)
+    m["files"].pop("../outside.txt")
+    (copy / MANIFEST).write_bytes(seal(m))
+    (copy / "tokenizer.json").unlink()
+    (copy / "tokenizer.json").symlink_to(run["bundle"] / "tokenizer.json")
+    assert any("symbolic link" in p for p in check_files(copy, read_manifest(copy)))
+
+
+def test_generate_cli_matches_greedy_decoding_with_onnxruntime(run):
+    """The bundle's onnxruntime-genai answer is the greedy continuation the raw ORT graph computes."""
+    b = run["bundle"]
+    runner = Runner(b)
+    ids = runner.prompt_ids([("system", read_manifest(b)["prompt"]["system"]), ("user", "call mom")])
+    answer = runner.generate(ids, max_new_tokens=6)
+    dec = Decoder(b / "model.ort")
+    logits, cache = dec.prefill(ids)
+    tokens, total = [int(logits[-1].argmax())], len(ids)
+    for _ in range(5):
+        total += 1
+        logits, cache = dec.step(tokens[-1], cache, total)
+        tokens.append(int(logits.argmax()))
+    assert answer.text == runner.tokenizer.decode(tokens)
+    cli = subprocess.run([sys.executable, "-m", "edgepeft.cli", "generate", str(b), "call mom",
+                          "--max-new-tokens", "6"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == answer.text.strip()
+
+
+def test_shared_embedding_reads_the_heads_int4_weights(run):
+    """GatherBlockQuantized over the head's packed weight returns exactly the dequantized head rows."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(run["out"] / "requantize" / "model" / "model.onnx"))
+    g = model.graph
+    head = next(n for n in g.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
+    lookup = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    packed, scales = inits[head.input[1]], inits[head.input[2]]  # [N, blocks, 16] uint8, [N, blocks]
+    low, high = (packed & 0x0F).astype(np.int32), (packed >> 4).astype(np.int32)
+    q = np.stack([low, high], axis=-1).reshape(packed.shape[0], packed.shape[1], -1) - 8  # symmetric int4
+    table = (q * scales[..., None]).reshape(packed.shape[0], -1)
+    g.output.append(onnx.helper.make_tensor_value_info(lookup.output[0], onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, 777, 49151]], np.int64)
+    dec = Decoder(run["out"] / "requantize" / "model" / "model.onnx")
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds.update({n: np.zeros((1, dec.kv_heads, 0, dec.head_size), np.float32) for n in dec.past})
+    rows = sess.run([lookup.output[0]], feeds)[0][0]
+    np.testing.assert_allclose(rows, table[ids[0]], rtol=0, atol=1e-6)
+    assert not any(i.name == "lm_head.MatMul.weight" for i in g.initializer)  # the fp32 table is gone
+
+
+def test_export_gate_fails_and_leaves_nothing(run, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    path = write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
+    path.write_text(path.read_text().replace("decode_check_tokens = 8\n", "decode_check_tokens = 8\nmax_logit_diff = 0.0\n"))
+    with pytest.raises(EdgepeftError, match="differs from the merged PyTorch model"):
+        run_stages(STAGES, recipe_mod.load(tmp_path / "tiny.toml"), out, first="export", last="export",
+                   echo=lambda s: None)
+    assert not (out / ".export.tmp").exists()
+    assert (out / "export" / "record.json").is_file()  # the previous good export is untouched
+
+
+def test_bundle_over_budget_fails_without_a_half_bundle(run, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    (tmp_path / "targets").mkdir()
+    src = recipe_mod.load(run["recipe"]).target
+    (tmp_path / "targets" / "small-phone.toml").write_text(
+        f'formats = ["onnx", "ort"]\nthreads = 1\nmax_bundle_mb = 0.5\nblock_size = {src.block_size}\n')
+    write_recipe(tmp_path / "tiny.toml", tiny_model_dir, target="small-phone")
+    rec = recipe_mod.load(tmp_path / "tiny.toml")
+    assert rec.target.name == "small-phone" and rec.target.formats == ["onnx", "ort"]
+    shutil.rmtree(out / "bundle")
+    with pytest.raises(EdgepeftError, match="over target small-phone's budget"):
+        run_stages(STAGES, rec, out, first="bundle", echo=lambda s: None)
+    assert not (out / "bundle").exists() and not (out / ".bundle.tmp").exists()
+
+
+def test_unknown_or_bad_target_is_one_clear_error(tmp_path, tiny_model_dir):
+    write_recipe(tmp_path / "a.toml", tiny_model_dir, target="no-such-phone")
+    with pytest.raises(EdgepeftError, match="unknown target 'no-such-phone'.*android-arm64"):
+        recipe_mod.load(tmp_path / "a.toml")
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "bad.toml").write_text('formats = ["apk"]\n')
+    write_recipe(tmp_path / "b.toml", tiny_model_dir, target="bad")
+    with pytest.raises(EdgepeftError, match="formats must be"):
+        recipe_mod.load(tmp_path / "b.toml")
