@@ -1,4 +1,4 @@
-"""Sessions: `nox -s export-android` (the main job), `nox -s tests`, `nox -s lint`.
+"""Sessions: `nox -s export-android` (the main job), `nox -s tests`, `nox -s lint`, `nox -s bench`.
 
 Every session installs the pinned set in constraints.txt. torch goes in first and alone: on the project's
 machines `pip install torch==2.13.0` takes a local CPU wheel, while any looser torch request would pull a
@@ -27,6 +27,15 @@ def export_android(session: nox.Session) -> None:
     """Run export/android.toml end to end on the built-in default model."""
     install(session)
     session.run("edgepeft", "run", "export/android.toml", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The Android bundle vs onnxruntime-genai's builder int4 export and PyTorch eager (runs the recipe first;
+    finished stages are skipped)."""
+    install(session, "[bench]")
+    session.run("edgepeft", "run", "export/android.toml")
+    session.run("python", "-m", "edgepeft.bench", "dist/android", *session.posargs)
 
 
 @nox.session

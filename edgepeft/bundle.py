@@ -60,7 +60,8 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgepeftError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+            and isinstance(manifest.get("files"), dict)):
         raise EdgepeftError(f"{path}: not an {FORMAT} manifest")
     for rel in manifest["files"]:
         _safe(folder, rel)
@@ -113,7 +114,8 @@ class Runner:
         try:
             self.model = og.Model(str(self.folder))
         except Exception as e:  # the runtime's own message, on one line
-            raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {str(e).splitlines()[0]}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first}") from None
         self.tokenizer = og.Tokenizer(self.model)
         self.og = og
 

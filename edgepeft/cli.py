@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         sp.set_defaults(func=lambda a, n=stage.name: _run(a, n, n))
     v = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest, load it, generate")
-    v.add_argument("bundle", help="bundle folder (dist/<recipe>/bundle/<recipe>-<target>)")
+    v.add_argument("bundle", help="bundle folder (dist/<recipe>/bundle/<target>)")
     v.set_defaults(func=_verify)
     g = sub.add_parser("generate", help="answer a prompt with a bundle alone (onnxruntime-genai)")
     g.add_argument("bundle", help="bundle folder")

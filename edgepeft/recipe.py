@@ -12,11 +12,11 @@ from pathlib import Path
 from edgepeft import target as target_mod
 from edgepeft.config import from_table, load_toml
 from edgepeft.errors import EdgepeftError
+from edgepeft.stages.bundle import BundleConfig
+from edgepeft.stages.export import ExportConfig
 from edgepeft.stages.load import ModelConfig
 from edgepeft.stages.merge import MergeConfig
 from edgepeft.stages.quantize import QuantizeConfig
-from edgepeft.stages.bundle import BundleConfig
-from edgepeft.stages.export import ExportConfig
 from edgepeft.stages.requantize import RequantizeConfig
 from edgepeft.stages.train import AdapterConfig, TrainConfig
 from edgepeft.target import Target

@@ -26,7 +26,7 @@ def run(tmp_path_factory, tiny_model_dir):
     out = root / "run"
     records = run_stages(STAGES, recipe_mod.load(recipe), out, echo=lambda s: None)
     return {"recipe": recipe, "out": out, "records": records,
-            "bundle": out / "bundle" / "tiny-android-arm64"}
+            "bundle": out / "bundle" / "android-arm64"}
 
 
 def test_end_to_end_bundle_contents(run):
@@ -154,7 +154,8 @@ def test_export_gate_fails_and_leaves_nothing(run, tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     shutil.copytree(run["out"], out)
     path = write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
-    path.write_text(path.read_text().replace("decode_check_tokens = 8\n", "decode_check_tokens = 8\nmax_logit_diff = 0.0\n"))
+    text = path.read_text().replace("decode_check_tokens = 8\n", "decode_check_tokens = 8\nmax_logit_diff = 0.0\n")
+    path.write_text(text)
     with pytest.raises(EdgepeftError, match="differs from the merged PyTorch model"):
         run_stages(STAGES, recipe_mod.load(tmp_path / "tiny.toml"), out, first="export", last="export",
                    echo=lambda s: None)
@@ -187,3 +188,27 @@ def test_unknown_or_bad_target_is_one_clear_error(tmp_path, tiny_model_dir):
     write_recipe(tmp_path / "b.toml", tiny_model_dir, target="bad")
     with pytest.raises(EdgepeftError, match="formats must be"):
         recipe_mod.load(tmp_path / "b.toml")
+
+
+def test_bench_runs_on_a_finished_run(run):
+    from edgepeft import bench
+
+    done = subprocess.run([sys.executable, "-m", "edgepeft.bench", str(run["out"]), "--rounds", "1",
+                           "--prompt-tokens", "8", "--decode-tokens", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ratios edgepeft / builder: size" in done.stdout
+    assert (run["out"] / ".bench" / "builder-int4" / "genai_config.json").is_file()
+    assert bench.main([str(run["out"] / "nope")]) == 2
+
+
+def test_bundle_tokenizes_prompts_like_the_training_tokenizer(run):
+    """onnxruntime-genai's reading of the bundle's tokenizer gives the ids training used (a GGUF-converted
+    tokenizer once mapped most text to unknown ids there)."""
+    from transformers import AutoTokenizer
+
+    from edgepeft.data import builtin_splits, prompt_ids
+
+    hf = AutoTokenizer.from_pretrained(run["out"] / "merge" / "model")
+    runner = Runner(run["bundle"])
+    for s in builtin_splits("phone-commands")["test"][:8]:
+        assert runner.prompt_ids(list(s.messages[:-1])) == prompt_ids(hf, s)

@@ -55,3 +55,22 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(EdgepeftError, match="model type 'gpt2' is not supported"):
         load_config(resolve(str(tmp_path)))
+
+
+def test_gguf_tokenizer_is_repaired_from_the_files_metadata():
+    """Same ids as transformers' own GGUF conversion, but a byte-level BPE tokenizer with the file's
+    special tokens (eos <|im_end|>, no BOS added), which onnxruntime-genai can read."""
+    from transformers import AutoTokenizer
+
+    from edgepeft.sources import load_tokenizer
+
+    src = resolve("smollm2-135m-instruct")
+    raw = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    tok = load_tokenizer(src)
+    assert type(tok).__name__ == "GPT2TokenizerFast"
+    assert (tok.eos_token, tok.bos_token) == ("<|im_end|>", "<|im_start|>") and raw.eos_token == "<|im_start|>"
+    text = "Set an alarm for 7:30, café ünïcode 日本 🙂\n  indented"
+    assert tok(text, add_special_tokens=False)["input_ids"] == raw(text, add_special_tokens=False)["input_ids"]
+    assert tok(text)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]  # no BOS prepended
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.chat_template == raw.chat_template

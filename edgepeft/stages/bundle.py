@@ -1,4 +1,4 @@
-"""Stage ``bundle``: the folder an app team ships, ``<run>/bundle/<recipe>-<target>/``.
+"""Stage ``bundle``: the folder an app team ships, ``<run>/bundle/<target>/``.
 
 It holds the quantized model in the target's formats (``model.onnx`` and/or ``model.ort`` with
 ``model.required_operators.config``, the input of a reduced-operator ONNX Runtime build), the tokenizer
@@ -63,13 +63,15 @@ def to_ort(onnx_file: Path, ort_file: Path) -> None:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.optimized_model_filepath = str(ort_file)
     so.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
+    ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["ConstantFolding"])
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     create_config_from_models([ort_file], ort_file.with_name(ORT_CONFIG), enable_type_reduction=False)
     try:
         ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise EdgepeftError(f"[bundle] the converted ORT-format model does not load: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EdgepeftError(f"[bundle] the converted ORT-format model does not load: {first}") from None
 
 
 def test_samples(recipe, n: int):
@@ -140,7 +142,7 @@ def run(ctx: StageContext) -> None:
     recipe, target = ctx.recipe, ctx.recipe.target
     src = ctx.input("requantize") / "model"
     name = f"{recipe.name}-{target.name}"
-    out = ctx.out / name
+    out = ctx.out / target.name
     out.mkdir()
     for f in TOKENIZER_FILES:
         if (src / f).is_file():
@@ -186,10 +188,10 @@ def run(ctx: StageContext) -> None:
         runner = Runner(out, read_manifest(out))
         acc, answers, tps = bundle_exact_match(runner, samples, match, cfg.max_new_tokens)
         del runner
+        shown = [{"prompt": s.messages[-2][1] if s.messages else s.prompt, "answer": a, "reference": s.reference}
+                 for s, a in zip(samples[:5], answers[:5], strict=True)]
         figures.update(exact_match_split=split, exact_match_examples=len(samples), exact_match_bundle=acc,
-                       generate_tokens_per_second=tps, examples=[{"prompt": s.messages[-2][1] if s.messages else s.prompt,
-                                                                  "answer": a, "reference": s.reference}
-                                                                 for s, a in list(zip(samples, answers))[:5]])
+                       generate_tokens_per_second=tps, examples=shown)
         if cfg.reference_exact_match:
             figures["exact_match_reference"] = reference_exact_match(ctx, samples, match, cfg.max_new_tokens)
     (out / "manifest.json").unlink()
@@ -213,4 +215,4 @@ def run(ctx: StageContext) -> None:
 
 
 def bundle_dir(run_dir: Path, recipe) -> Path:
-    return run_dir / "bundle" / f"{recipe.name}-{recipe.target.name}"
+    return run_dir / "bundle" / recipe.target.name
