@@ -13,6 +13,7 @@ from tests.conftest import write_recipe
 
 
 def _run(recipe_path, out, **kw):
+    kw.setdefault("last", "merge")  # the PyTorch stages; test_bundle.py runs the whole pipeline
     return run_stages(STAGES, recipe_mod.load(recipe_path), out, echo=lambda s: None, **kw)
 
 
