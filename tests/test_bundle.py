@@ -212,3 +212,22 @@ def test_bundle_tokenizes_prompts_like_the_training_tokenizer(run):
     runner = Runner(run["bundle"])
     for s in builtin_splits("phone-commands")["test"][:8]:
         assert runner.prompt_ids(list(s.messages[:-1])) == prompt_ids(hf, s)
+
+
+def test_int8_target_quantizes_closer_to_fp32_than_int4(run, tmp_path):
+    from edgepeft.stages.requantize import quantize
+    from edgepeft.target import Target
+
+    src = run["out"] / "requantize" / "model"
+    fp32 = run["out"] / "export" / "model" / "model.onnx"
+    ids = list(range(200, 232))
+    ref = Decoder(fp32).prefill(ids)[0]
+    diffs = {}
+    for weights in ("int8", "int4"):
+        out = tmp_path / weights
+        out.mkdir()
+        shutil.copy(src / "genai_config.json", out / "genai_config.json")
+        done = quantize(fp32, out / "model.onnx", Target("t", weights=weights))
+        assert done["embedding"] == f"shared with the head, {weights}"
+        diffs[weights] = float(np.abs(Decoder(out / "model.onnx").prefill(ids)[0] - ref).max())
+    assert 0 < diffs["int8"] < diffs["int4"] / 4
