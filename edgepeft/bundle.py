@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from edgepeft.errors import EdgepeftError
+from edgepeft.errors import EdgepeftError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "edgepeft-bundle/1"
@@ -114,8 +114,7 @@ class Runner:
         try:
             self.model = og.Model(str(self.folder))
         except Exception as e:  # the runtime's own message, on one line
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first}") from None
+            raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first_line(e)}") from None
         self.tokenizer = og.Tokenizer(self.model)
         self.og = og
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepeft import __version__
-from edgepeft.errors import EdgepeftError
+from edgepeft.errors import EdgepeftError, first_line
 from edgepeft.pipeline import StageContext
 
 # onnxruntime-genai reads tokenizer.json (+ its config); vocab.json/merges.txt would only repeat it (1.3 MB)
@@ -70,8 +70,7 @@ def to_ort(onnx_file: Path, ort_file: Path) -> None:
     try:
         ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"])
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EdgepeftError(f"[bundle] the converted ORT-format model does not load: {first}") from None
+        raise EdgepeftError(f"[bundle] the converted ORT-format model does not load: {first_line(e)}") from None
 
 
 def test_samples(recipe, n: int):

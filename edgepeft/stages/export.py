@@ -80,9 +80,8 @@ def run(ctx: StageContext) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepeft.calib.text import token_windows
     from edgepeft.onnx_model import Decoder, compare, decode_logits
-    from edgepeft.stages.merge import eval_text
+    from edgepeft.stages.merge import heldout_windows
 
     cfg: ExportConfig = ctx.config
     target = ctx.recipe.target
@@ -97,10 +96,7 @@ def run(ctx: StageContext) -> None:
                             f"{target.opset}")
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    windows = token_windows(tokenizer, eval_text(ctx.recipe.merge.eval_text, ctx.recipe.base_dir), cfg.eval_windows,
-                            cfg.eval_window_tokens)
-    if not windows:
-        raise EdgepeftError(f"[export] the held-out text is shorter than one window of {cfg.eval_window_tokens} tokens")
+    windows = heldout_windows(ctx.recipe, tokenizer, cfg.eval_windows, cfg.eval_window_tokens, "export")
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         reference = [model(input_ids=torch.tensor([w])).logits[0].float().numpy() for w in windows]

@@ -48,6 +48,17 @@ def eval_text(spec: str, base_dir) -> str:
     return text
 
 
+def heldout_windows(recipe, tokenizer, windows: int, length: int, stage: str) -> list[list[int]]:
+    """Token windows of the recipe's held-out text (``[merge] eval_text``), shared by the checking stages."""
+    from edgepeft.calib.text import token_windows
+
+    found = token_windows(tokenizer, eval_text(recipe.merge.eval_text, recipe.base_dir), windows, length)
+    if not found:
+        raise EdgepeftError(f"[{stage}] eval_text {recipe.merge.eval_text!r} is shorter than one window of "
+                            f"{length} tokens")
+    return found
+
+
 def dequantized_model(qdir):
     """A plain fp32 model holding the exact dequantized 4-bit weights of the quantize stage's output."""
     import torch
@@ -77,7 +88,6 @@ def run(ctx: StageContext) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from edgepeft.calib.text import token_windows
     from edgepeft.data import load_splits, prompt_ids
     from edgepeft.metrics import compare_logits
     from edgepeft.runtime import load_4bit
@@ -92,11 +102,7 @@ def run(ctx: StageContext) -> None:
     tokenizer.save_pretrained(ctx.out / "model")
 
     reference = PeftModel.from_pretrained(load_4bit(qdir, torch.device("cpu")), adir)
-    windows = token_windows(tokenizer, eval_text(cfg.eval_text, ctx.recipe.base_dir), cfg.eval_windows,
-                            cfg.eval_window_tokens)
-    if not windows:
-        raise EdgepeftError(f"[merge] eval_text {cfg.eval_text!r} is shorter than one window of "
-                            f"{cfg.eval_window_tokens} tokens")
+    windows = heldout_windows(ctx.recipe, tokenizer, cfg.eval_windows, cfg.eval_window_tokens, "merge")
     prose = compare_logits(reference, merged, windows)
     train_cfg = ctx.recipe.train
     val = load_splits(train_cfg.data, train_cfg.validation_data, ctx.recipe.base_dir, seed=train_cfg.seed)["validation"]

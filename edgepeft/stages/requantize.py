@@ -115,10 +115,9 @@ def quantize(fp32_file, out_file, target) -> dict:
 def run(ctx: StageContext) -> None:
     from transformers import AutoTokenizer
 
-    from edgepeft.calib.text import token_windows
     from edgepeft.onnx_model import Decoder, compare, perplexity
     from edgepeft.runtime import mb
-    from edgepeft.stages.merge import eval_text
+    from edgepeft.stages.merge import heldout_windows
 
     cfg: RequantizeConfig = ctx.config
     target = ctx.recipe.target
@@ -133,11 +132,7 @@ def run(ctx: StageContext) -> None:
     q_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*"))
 
     tokenizer = AutoTokenizer.from_pretrained(src)
-    windows = token_windows(tokenizer, eval_text(ctx.recipe.merge.eval_text, ctx.recipe.base_dir), cfg.eval_windows,
-                            cfg.eval_window_tokens)
-    if not windows:
-        raise EdgepeftError(f"[requantize] the held-out text is shorter than one window of "
-                            f"{cfg.eval_window_tokens} tokens")
+    windows = heldout_windows(ctx.recipe, tokenizer, cfg.eval_windows, cfg.eval_window_tokens, "requantize")
     ref = Decoder(src / MODEL)
     reference = [ref.prefill(w)[0] for w in windows]
     del ref
