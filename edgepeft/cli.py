@@ -106,7 +106,7 @@ def summary(records: dict[str, dict]) -> None:
                      f"{f['perplexity_quantized']:.2f} ({100 * f['perplexity_change']:+.1f}%)")
     if "bundle" in records:
         f = records["bundle"]["figures"]
-        lines.append(f"bundle: {f['bundle']} {mb(f['bundle_bytes'])}; decode {f['decode_ms_per_token']:.2f} ms/token, "
+        lines.append(f"bundle size {mb(f['bundle_bytes'])}; decode {f['decode_ms_per_token']:.2f} ms/token, "
                      f"prefill {f['prompt_tokens']} tokens {f['prefill_ms']:.0f} ms at {f['threads']} threads")
         if "exact_match_bundle" in f:
             ref = (f", (4-bit base + adapter) {100 * f['exact_match_reference']:.1f}%"
