@@ -131,7 +131,7 @@ def reference_exact_match(ctx: StageContext, samples, match, max_new_tokens: int
 
 
 def run(ctx: StageContext) -> None:
-    from edgepeft.bundle import Runner, read_manifest, write_manifest
+    from edgepeft.bundle import Runner, write_manifest
     from edgepeft.config import as_dict
     from edgepeft.onnx_model import Decoder, latency
     from edgepeft.runtime import mb
@@ -175,7 +175,6 @@ def run(ctx: StageContext) -> None:
         "adapter_sha256": adapter_hash(ctx),
         "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
     }
-    write_manifest(out, manifest)  # provisional: lets the runner read the prompt settings
 
     lat = latency(Decoder(out / model_file, target.threads, out / "genai_config.json"), cfg.latency_prompt_tokens,
                   cfg.latency_decode_tokens, cfg.latency_repeats)
@@ -184,7 +183,7 @@ def run(ctx: StageContext) -> None:
                **lat}
     if samples:
         match = matcher(recipe.train.data)
-        runner = Runner(out, read_manifest(out))
+        runner = Runner(out, manifest)
         acc, answers, tps = bundle_exact_match(runner, samples, match, cfg.max_new_tokens)
         del runner
         shown = [{"prompt": s.messages[-2][1] if s.messages else s.prompt, "answer": a, "reference": s.reference}
@@ -193,7 +192,6 @@ def run(ctx: StageContext) -> None:
                        generate_tokens_per_second=tps, examples=shown)
         if cfg.reference_exact_match:
             figures["exact_match_reference"] = reference_exact_match(ctx, samples, match, cfg.max_new_tokens)
-    (out / "manifest.json").unlink()
     upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize")}
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     figures["bundle_bytes_before_manifest"] = total
