@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from edgepeft.ui import mb, progress  # noqa: F401  (re-exported for the stages)
+
 
 def quiet() -> None:
     """Silence the noise heavy libraries print at import or load time; keep real errors."""
@@ -29,14 +31,6 @@ def quiet() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
-
-
-def progress(total: int, desc: str, unit: str, **kwargs):
-    """A tqdm bar for a long stage: lively on a terminal, one line every 30 s in a CI log."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=2 if sys.stderr.isatty() else 30,
-                dynamic_ncols=True, **kwargs)
 
 
 def device() -> torch.device:
@@ -87,6 +81,3 @@ def load_4bit(path: Path, on: torch.device | None = None):
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def mb(n_bytes: float) -> str:
-    return f"{n_bytes / 1e6:,.1f} MB"

@@ -18,6 +18,11 @@ FORMATS = ("onnx", "ort")
 # MatMulNBits' accuracy_level: the precision its kernels compute in. 4 = int8 activations (fast integer
 # dot products), 1 = fp32 (exact dequantize-then-multiply).
 ACCURACY_LEVEL = {"int8": 4, "fp32": 1}
+# Execution providers a target may ask for, by short name, in order of preference; the profiler falls back
+# to the next (finally the CPU) when this onnxruntime build lacks one, and says so in its results.
+PROVIDERS = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
+             "nnapi": "NnapiExecutionProvider", "coreml": "CoreMLExecutionProvider", "qnn": "QNNExecutionProvider",
+             "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider", "webgpu": "WebGpuExecutionProvider"}
 
 
 @dataclass
@@ -33,6 +38,12 @@ class Target:
     activations: Literal["int8", "fp32"] = "int8"
     quantize_embedding: bool = True
     max_bundle_mb: float | None = None
+    providers: list[str] = field(default_factory=lambda: ["cpu"])  # execution providers, preferred first
+    # The device the estimate of on-device decode speed is made for (see edgepeft.costmodel):
+    device: str = ""
+    device_memory_bandwidth_gbs: float | None = None  # DRAM peak, GB/s
+    device_bandwidth_efficiency: float = 0.5  # share of the peak that CPU decoding reaches
+    device_source: str = ""  # where the two figures above come from
     description: str = ""
 
     def check(self) -> str | None:
@@ -43,6 +54,13 @@ class Target:
             return "threads must be at least 1"
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             return f"block_size must be a power of two, at least 16 (got {self.block_size})"
+        unknown = [p for p in self.providers if p not in PROVIDERS]
+        if unknown or not self.providers:
+            return f"providers must be a non-empty list of {', '.join(PROVIDERS)} (got {self.providers})"
+        if not 0 < self.device_bandwidth_efficiency <= 1:
+            return "device_bandwidth_efficiency must be in (0, 1]"
+        if self.device_memory_bandwidth_gbs is not None and not self.device_source:
+            return "device_memory_bandwidth_gbs needs device_source (where the figure comes from)"
         return None
 
     @property
