@@ -35,10 +35,14 @@ def seal(manifest: dict) -> bytes:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
+    import os
+
     from edgepeft.pipeline import file_table
 
     files = {k: v for k, v in file_table(folder).items() if k != MANIFEST}
-    (folder / MANIFEST).write_bytes(seal({**manifest, "format": FORMAT, "files": files}))
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_bytes(seal({**manifest, "format": FORMAT, "files": files}))
+    os.replace(tmp, folder / MANIFEST)  # a reader sees the old manifest or the new one, never half
 
 
 def _safe(folder: Path, rel: str) -> Path:

@@ -73,6 +73,43 @@ def _generate(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from edgepeft.profile import ProfileConfig, headline, profile_bundle
+
+    cfg = None
+    if args.lengths or args.repeats:
+        cfg = ProfileConfig(**{k: v for k, v in (("lengths", args.lengths), ("repeats", args.repeats)) if v})
+        problem = cfg.check()
+        if problem:
+            raise EdgepeftError(f"profile: {problem}")
+    result = profile_bundle(Path(args.bundle), cfg, args.target, [Path(p) for p in args.compare],
+                            Path(args.json) if args.json else None, write=not args.no_report)
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    for v in result["variants"]:
+        print(f"{v['label']}: {v['model_bytes'] / 1e6:.1f} MB, load {v['load_seconds']:.2f} s, peak RSS "
+              f"{v['peak_rss_mb']:.0f} MB" if v["peak_rss_mb"] is not None else v["label"])
+        for d, p in zip(v["decode"], v["prefill"], strict=True):
+            est = (f", device estimate {d['device_estimate']['estimate_ms']:.2f} ms" if "device_estimate" in d else "")
+            print(f"  {d['context']:>5} tokens: prefill {p['median_ms']:8.1f} ms (p90 {p['p90_ms']:.1f}); decode "
+                  f"{d['median_ms']:6.2f} ms/token (p90 {d['p90_ms']:.2f}, {d['tokens_per_second']:.0f} tok/s), "
+                  f"floor {d['floor_ms']:.2f} ms, measured/floor {d['measured_over_floor']:.2f}{est}")
+    h = headline(result)
+    print(f"memory read bandwidth {h['read_bandwidth_gbs']:.1f} GB/s at {result['machine']['threads']} threads")
+    if "written_to" in result:
+        print(f"report: {result['written_to']}/report.md (manifest re-sealed)")
+    if args.json:
+        print(f"json: {args.json}")
+    return 0
+
+
+def _latency_check(args) -> int:
+    from edgepeft.gate import check
+
+    return check(Path(args.bundle), Path(args.baseline), update=args.update_baseline, rounds=args.rounds,
+                 tolerance=args.tolerance)
+
+
 def summary(records: dict[str, dict]) -> None:
     """The figures a user asked for, one line each, from the stage records."""
     from edgepeft.runtime import mb
@@ -106,8 +143,12 @@ def summary(records: dict[str, dict]) -> None:
                      f"{f['perplexity_quantized']:.2f} ({100 * f['perplexity_change']:+.1f}%)")
     if "bundle" in records:
         f = records["bundle"]["figures"]
-        lines.append(f"bundle size {mb(f['bundle_bytes'])}; decode {f['decode_ms_per_token']:.2f} ms/token, "
-                     f"prefill {f['prompt_tokens']} tokens {f['prefill_ms']:.0f} ms at {f['threads']} threads")
+        lines.append(f"bundle size {mb(f['bundle_bytes'])}; decode {f['decode_ms_per_token']:.2f} ms/token "
+                     f"({f['measured_over_floor']:.2f}x the memory floor), prefill {f['prompt_tokens']} tokens "
+                     f"{f['prefill_ms']:.0f} ms at {f['threads']} threads")
+        if "device_estimate_ms_per_token" in f:
+            lines.append(f"on-device estimate ({f.get('device', 'target device')}): decode "
+                         f"{f['device_estimate_ms_per_token']:.2f} ms/token")
         if "exact_match_bundle" in f:
             ref = (f", (4-bit base + adapter) {100 * f['exact_match_reference']:.1f}%"
                    if "exact_match_reference" in f else "")
@@ -147,6 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest, load it, generate")
     v.add_argument("bundle", help="bundle folder (dist/<recipe>/bundle/<target>)")
     v.set_defaults(func=_verify)
+    pr = sub.add_parser("profile", help="latency profile of a bundle: load, prefill, decode by context, memory, "
+                                        "floor, device estimate; report written into the bundle")
+    pr.add_argument("bundle", help="bundle folder")
+    pr.add_argument("--target", help="profile under another target's settings (default: the bundle's own)")
+    pr.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    pr.add_argument("--compare", metavar="MODEL", action="append", default=[],
+                    help="another model side by side: a bundle, or a folder with model.onnx + genai_config.json")
+    pr.add_argument("--lengths", type=int, nargs="+", metavar="N", help="prompt/context lengths (default: recipe's)")
+    pr.add_argument("--repeats", type=int, help="rounds measured (default: recipe's)")
+    pr.add_argument("--no-report", action="store_true", help="do not write the report into the bundle")
+    pr.set_defaults(func=_profile)
+    lc = sub.add_parser("latency-check", help="CI gate: fail when a bundle decodes or prefills slower than its "
+                                              "baseline (ratios to a reference workload, with confidence)")
+    lc.add_argument("bundle", help="bundle folder")
+    lc.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON (e.g. export/baselines/...)")
+    lc.add_argument("--update-baseline", action="store_true", help="measure and write FILE as the new baseline")
+    lc.add_argument("--rounds", type=int, help="interleaved rounds (default: the baseline's, 20)")
+    lc.add_argument("--tolerance", type=float, help="slowdown allowed, e.g. 0.1 = 10%% (default: the baseline's)")
+    lc.set_defaults(func=_latency_check)
     g = sub.add_parser("generate", help="answer a prompt with a bundle alone (onnxruntime-genai)")
     g.add_argument("bundle", help="bundle folder")
     g.add_argument("prompt", help="the user's message")

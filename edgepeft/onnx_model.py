@@ -17,7 +17,29 @@ from pathlib import Path
 import numpy as np
 
 
-def session(path: Path, threads: int | None = None):
+def resolve_providers(names: list[str]) -> tuple[list[str], list[str]]:
+    """onnxruntime provider names for a target's preference list, and a warning for each one this
+    onnxruntime build lacks. The CPU provider always ends the list (it runs whatever the others do not)."""
+    import onnxruntime as ort
+
+    from edgepeft.target import PROVIDERS
+
+    available = ort.get_available_providers()
+    chosen, warnings = [], []
+    for name in names:
+        if PROVIDERS[name] in available:
+            chosen.append(PROVIDERS[name])
+        else:
+            short = [k for k, v in PROVIDERS.items() if v in available]
+            warnings.append(f"execution provider {name!r} is not in this onnxruntime build "
+                            f"(available: {', '.join(short)}); its share ran on the next provider in the list")
+    if PROVIDERS["cpu"] not in chosen:
+        chosen.append(PROVIDERS["cpu"])
+    return chosen, warnings
+
+
+def session(path: Path | bytes, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session on the CPU (or ``providers``) from a model file or serialized model bytes."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -26,18 +48,21 @@ def session(path: Path, threads: int | None = None):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
 
 
 class Decoder:
     """One decoder graph: ``prefill`` a prompt, then ``step`` one token at a time on the returned cache."""
 
-    def __init__(self, model_file: Path, threads: int | None = None, genai_config: Path | None = None):
+    def __init__(self, model_file: Path, threads: int | None = None, genai_config: Path | None = None,
+                 providers: list[str] | None = None):
         cfg = json.loads((genai_config or Path(model_file).parent / "genai_config.json").read_text())["model"]
         dec = cfg["decoder"]
         self.kv_heads, self.head_size = dec["num_key_value_heads"], dec["head_size"]
         self.vocab_size = cfg["vocab_size"]
-        self.session = session(model_file, threads)
+        self.context_length = cfg.get("context_length")
+        self.session = session(model_file, threads, providers)
         self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

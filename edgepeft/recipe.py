@@ -12,6 +12,7 @@ from pathlib import Path
 from edgepeft import target as target_mod
 from edgepeft.config import from_table, load_toml
 from edgepeft.errors import EdgepeftError
+from edgepeft.profile import ProfileConfig
 from edgepeft.stages.bundle import BundleConfig
 from edgepeft.stages.export import ExportConfig
 from edgepeft.stages.load import ModelConfig
@@ -22,7 +23,8 @@ from edgepeft.stages.train import AdapterConfig, TrainConfig
 from edgepeft.target import Target
 
 SECTIONS = {"model": ModelConfig, "quantize": QuantizeConfig, "adapter": AdapterConfig, "train": TrainConfig,
-            "merge": MergeConfig, "export": ExportConfig, "requantize": RequantizeConfig, "bundle": BundleConfig}
+            "merge": MergeConfig, "export": ExportConfig, "requantize": RequantizeConfig, "bundle": BundleConfig,
+            "profile": ProfileConfig}
 DEFAULT_TARGET = "android-arm64"
 
 
@@ -38,6 +40,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     requantize: RequantizeConfig = field(default_factory=RequantizeConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     target: Target = field(default_factory=lambda: Target(DEFAULT_TARGET))  # `target = "<name>"`: targets/<name>.toml
 
     @property

@@ -79,11 +79,28 @@ eval_window_tokens = 32
 [bundle]
 test_examples = 4
 max_new_tokens = 8
-latency_prompt_tokens = 16
-latency_decode_tokens = 4
-latency_repeats = 1
+[profile]
+lengths = [16, 64]
+decode_tokens = 4
+repeats = 1
+warmup = 0
 {tail}""")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """One full pipeline run on the tiny model, shared by the bundle and latency tests (read-only: copy it
+    before changing anything)."""
+    from edgepeft import recipe as recipe_mod
+    from edgepeft.pipeline import run_stages
+    from edgepeft.stages.registry import STAGES
+
+    root = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(root / "tiny.toml", tiny_model_dir)
+    out = root / "run"
+    records = run_stages(STAGES, recipe_mod.load(recipe), out, echo=lambda s: None)
+    return {"recipe": recipe, "out": out, "records": records, "bundle": out / "bundle" / "android-arm64"}
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ The ORT-format file is converted with every graph optimization except constant f
 materialize a reshaped copy of the output head's weights for the shared embedding (+14 MB on SmolLM2)
 and undo the sharing. The converted file is loaded back before it is shipped.
 
-Before sealing the manifest the stage measures the bundle as shipped: decode latency per token and
-prefill time at the target's thread count (ONNX Runtime, batch 1), and exact match on the task's test
-prompts through onnxruntime-genai alone, next to the (4-bit base + adapter) reference's on the same
-prompts. The pipeline writes the stage into a temporary folder and renames it when done, so a failure
-leaves no half bundle.
+Before sealing the manifest the stage measures the bundle as shipped: its latency profile (``[profile]``,
+see ``edgepeft.profile``: load time, prefill and decode by length, memory, the physical floor and the
+on-device estimate, next to the fp32 export) written into ``profile/`` as a report with plots, and exact
+match on the task's test prompts through onnxruntime-genai alone, next to the (4-bit base + adapter)
+reference's on the same prompts. The pipeline writes the stage into a temporary folder and renames it
+when done, so a failure leaves no half bundle.
 """
 
 from __future__ import annotations
@@ -39,20 +40,16 @@ class BundleConfig:
     test_examples: int = 128  # task prompts answered through the bundle (0: skip); built-in tasks use their test split
     reference_exact_match: bool = True  # also score (4-bit base + adapter) in PyTorch on the same prompts
     max_new_tokens: int = 48
-    latency_prompt_tokens: int = 128
-    latency_decode_tokens: int = 32
-    latency_repeats: int = 3
 
     def check(self) -> str | None:
         if self.test_examples < 0 or self.max_new_tokens <= 0:
             return "test_examples must not be negative and max_new_tokens must be positive"
-        if self.latency_prompt_tokens <= 0 or self.latency_decode_tokens <= 0 or self.latency_repeats <= 0:
-            return "latency_prompt_tokens, latency_decode_tokens and latency_repeats must be positive"
         return None
 
 
-def to_ort(onnx_file: Path, ort_file: Path) -> None:
-    """Convert to ORT format (optimized, no constant folding) and write the required-operators config."""
+def to_ort(onnx_file: Path, ort_file: Path, constant_folding: bool = False) -> None:
+    """Convert to ORT format (optimized; no constant folding unless asked, see the module doc) and write the
+    required-operators config."""
     import logging
 
     import onnxruntime as ort
@@ -64,7 +61,7 @@ def to_ort(onnx_file: Path, ort_file: Path) -> None:
     so.optimized_model_filepath = str(ort_file)
     so.add_session_config_entry("session.save_model_format", "ORT")
     ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=["ConstantFolding"])
+                         disabled_optimizers=[] if constant_folding else ["ConstantFolding"])
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     create_config_from_models([ort_file], ort_file.with_name(ORT_CONFIG), enable_type_reduction=False)
     try:
@@ -133,7 +130,7 @@ def reference_exact_match(ctx: StageContext, samples, match, max_new_tokens: int
 def run(ctx: StageContext) -> None:
     from edgepeft.bundle import Runner, write_manifest
     from edgepeft.config import as_dict
-    from edgepeft.onnx_model import Decoder, latency
+    from edgepeft.profile import Variant, headline, measure, write_report
     from edgepeft.runtime import mb
     from edgepeft.stages.train import matcher
 
@@ -170,17 +167,22 @@ def run(ctx: StageContext) -> None:
         "target": as_dict(target), "model_file": model_file, "runtime": target.runtime,
         "recipe": {"name": recipe.name, "path": str(recipe.path) if recipe.path else None,
                    **{s: as_dict(recipe.section(s)) for s in ("model", "quantize", "adapter", "train", "merge",
-                                                               "export", "requantize", "bundle")}},
+                                                               "export", "requantize", "bundle", "profile")}},
         "base_model_sha256": ctx.record_of("load")["outside"]["model_files"],
         "adapter_sha256": adapter_hash(ctx),
         "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
     }
 
-    lat = latency(Decoder(out / model_file, target.threads, out / "genai_config.json"), cfg.latency_prompt_tokens,
-                  cfg.latency_decode_tokens, cfg.latency_repeats)
+    variants = [Variant(f"bundle ({target.weights}, {model_file})", out / model_file, out / "genai_config.json")]
+    if recipe.profile.compare_fp32:
+        fp32 = ctx.input("export") / "model"
+        variants.append(Variant("fp32 export (model.onnx)", fp32 / "model.onnx", fp32 / "genai_config.json"))
+    profile = measure(variants, target, recipe.profile)
+    manifest["profiles"] = {"profile": write_report(profile, out / "profile", name)}
+    lat = headline(profile)
     figures = {"threads": target.threads, "formats": target.formats, "model_file": model_file,
                "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
-               **lat}
+               **lat, "profile_warnings": profile["warnings"]}
     if samples:
         match = matcher(recipe.train.data)
         runner = Runner(out, manifest)
@@ -199,7 +201,8 @@ def run(ctx: StageContext) -> None:
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     figures.update(bundle=name, bundle_bytes=total)
     ctx.figures.update(figures)
-    line = (f"  {name}: {mb(total)}, decode {lat['decode_ms_per_token']:.2f} ms/token and prefill "
+    line = (f"  {name}: {mb(total)}, decode {lat['decode_ms_per_token']:.2f} ms/token at {lat['context_tokens']} "
+            f"tokens of context ({lat['measured_over_floor']:.2f}x the memory floor) and prefill "
             f"{lat['prompt_tokens']} tokens {lat['prefill_ms']:.0f} ms at {target.threads} threads")
     if samples:
         line += f"; exact match on {len(samples)} {split} prompts: bundle {100 * figures['exact_match_bundle']:.1f}%"

@@ -17,7 +17,7 @@ STAGES = [
           description="export the merged model to fp32 ONNX with a KV cache, check it against PyTorch"),
     Stage("requantize", ("requantize", "target"), ("export",), requantize.run,
           description="quantize the ONNX weights for the target (block-wise int4/int8), measure the cost"),
-    Stage("bundle", ("bundle", "target"), ("requantize", "load", "quantize", "train"), bundle.run,
-          description="write the deployable bundle, measure its latency and task accuracy, seal its manifest"),
+    Stage("bundle", ("bundle", "target", "profile"), ("requantize", "export", "load", "quantize", "train"), bundle.run,
+          description="write the deployable bundle, profile its latency, measure its task accuracy, seal its manifest"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
