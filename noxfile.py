@@ -1,4 +1,6 @@
-"""Sessions: `nox -s export-android` (the main job), `nox -s tests`, `nox -s lint`, `nox -s bench`.
+"""Sessions: `nox -s export-android` (the main job), `nox -s tests`, `nox -s lint`, `nox -s bench`,
+`nox -s latency-check` (the CI latency gate; `-- --update-baseline` accepts a new baseline on purpose),
+`nox -s latency-study` (how often the gate false-alarms and detects on this machine).
 
 Every session installs the pinned set in constraints.txt. torch goes in first and alone: on the project's
 machines `pip install torch==2.13.0` takes a local CPU wheel, while any looser torch request would pull a
@@ -36,6 +38,27 @@ def bench(session: nox.Session) -> None:
     install(session, "[bench]")
     session.run("edgepeft", "run", "export/android.toml")
     session.run("python", "-m", "edgepeft.bench", "dist/android", *session.posargs)
+
+
+ANDROID_BUNDLE = "dist/android/bundle/android-arm64"
+ANDROID_BASELINE = "export/baselines/android-android-arm64.json"
+
+
+@nox.session(name="latency-check")
+def latency_check(session: nox.Session) -> None:
+    """Build the Android bundle (finished stages are skipped) and gate its latency against the committed
+    baseline: decode and prefill, as ratios to a reference workload measured interleaved in the same run."""
+    install(session)
+    session.run("edgepeft", "run", "export/android.toml")
+    session.run("edgepeft", "latency-check", ANDROID_BUNDLE, "--baseline", ANDROID_BASELINE, *session.posargs)
+
+
+@nox.session(name="latency-study")
+def latency_study(session: nox.Session) -> None:
+    """Ten gate runs on the unchanged bundle (quiet, then with one core busy) and runs on regressed copies."""
+    install(session)
+    session.run("edgepeft", "run", "export/android.toml")
+    session.run("python", "-m", "edgepeft.gate_study", "dist/android", *session.posargs)
 
 
 @nox.session

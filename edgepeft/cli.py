@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_profile)
     lc = sub.add_parser("latency-check", help="CI gate: fail when a bundle decodes or prefills slower than its "
                                               "baseline (ratios to a reference workload, with confidence)")
-    lc.add_argument("bundle", help="bundle folder")
+    lc.add_argument("bundle", help="bundle folder (or any folder with model.onnx and genai_config.json)")
     lc.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON (e.g. export/baselines/...)")
     lc.add_argument("--update-baseline", action="store_true", help="measure and write FILE as the new baseline")
     lc.add_argument("--rounds", type=int, help="interleaved rounds (default: the baseline's, 20)")

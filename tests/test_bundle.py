@@ -53,8 +53,8 @@ def test_end_to_end_bundle_contents(run):
 def test_verify_passes_then_fails_on_any_changed_byte(run, tmp_path):
     problems, sample = verify(run["bundle"])
     assert problems == [] and sample is not None
-    for f in sorted(p.name for p in run["bundle"].iterdir()):
-        copy = tmp_path / f"copy-{f}"
+    for f in sorted(p.relative_to(run["bundle"]).as_posix() for p in run["bundle"].rglob("*") if p.is_file()):
+        copy = tmp_path / f"copy-{f.replace('/', '-')}"
         shutil.copytree(run["bundle"], copy)
         data = bytearray((copy / f).read_bytes())
         data[len(data) // 2] ^= 0x01
