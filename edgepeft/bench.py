@@ -6,6 +6,10 @@ greedy, after a prompt) and prefill time of the prompt, all at the target's thre
 measured interleaved, round after round, and the median per variant reported, because these shared
 machines drift by ±15% over minutes. Ratios are edgepeft / builder: below 1 is better.
 
+Each row also gets its physical floor (``edgepeft.costmodel``): the weight bytes a decode step reads
+plus the KV cache, over this machine's memory read bandwidth measured at the same thread count in the
+same run; measured / floor says how much of the memory's speed each variant uses.
+
     python -m edgepeft.bench dist/android [--rounds 5]
 """
 
@@ -77,8 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         seconds = build_onnx(merged, builder_dir, "int4", cache_dir=args.run_dir / ".bench" / "cache")
         print(f"  built in {seconds:.1f} s")
 
+    from edgepeft import costmodel
+
     def size(files):
         return sum(f.stat().st_size for f in files)
+
+    bandwidth = costmodel.read_bandwidth_gbs(threads)
+    kv = costmodel.kv_bytes_per_position(bundle / "genai_config.json") * (args.prompt_tokens + args.decode_tokens / 2)
+    read = {"edgepeft bundle": costmodel.weight_bytes(bundle / manifest["model_file"])["read_per_token"],
+            "ort-genai builder int4": costmodel.weight_bytes(builder_dir / "model.onnx")["read_per_token"],
+            # PyTorch reads every parameter once per step (the tied embedding is the head's weight)
+            "PyTorch eager fp32": size(merged.glob("*.safetensors"))}
 
     rows = {
         "edgepeft bundle": (size([bundle / manifest["model_file"]]),
@@ -103,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nbench: {bundle.name}, {threads} threads, prompt {args.prompt_tokens} tokens, median of {args.rounds} "
           f"interleaved rounds")
-    print(f"{'':26}{'size MB':>10}{'decode ms/token':>18}{'prefill ms':>12}")
+    print(f"memory read bandwidth {bandwidth:.1f} GB/s at {threads} threads; floor = (weights read per token + KV "
+          f"cache) / bandwidth")
+    print(f"{'':26}{'size MB':>10}{'decode ms/token':>18}{'prefill ms':>12}{'floor ms':>10}{'measured/floor':>16}")
     for name, (nbytes, _) in rows.items():
         decode, prefill = med(name, "decode_ms_per_token"), med(name, "prefill_ms")
-        print(f"{name:26}{nbytes / 1e6:>10.1f}{decode:>18.2f}{prefill:>12.1f}")
+        floor = costmodel.floor_ms(read[name] + kv, bandwidth)
+        print(f"{name:26}{nbytes / 1e6:>10.1f}{decode:>18.2f}{prefill:>12.1f}{floor:>10.2f}{decode / floor:>16.2f}")
     ours, ref = "edgepeft bundle", "ort-genai builder int4"
     print(f"ratios edgepeft / builder: size {rows[ours][0] / rows[ref][0]:.3f}, decode "
           f"{med(ours, 'decode_ms_per_token') / med(ref, 'decode_ms_per_token'):.3f}, prefill "
