@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for name, (_, fn) in rows.items():
             results[name].append(fn())
+        bandwidth = max(bandwidth, costmodel.read_bandwidth_gbs(threads, passes=3))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
 
     def med(name, key):

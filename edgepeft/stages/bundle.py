@@ -182,7 +182,7 @@ def run(ctx: StageContext) -> None:
     lat = headline(profile)
     figures = {"threads": target.threads, "formats": target.formats, "model_file": model_file,
                "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
-               **lat, "profile_warnings": profile["warnings"]}
+               **lat, "device": target.device, "profile_warnings": profile["warnings"]}
     if samples:
         match = matcher(recipe.train.data)
         runner = Runner(out, manifest)
