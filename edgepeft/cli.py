@@ -87,8 +87,9 @@ def _profile(args) -> int:
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     for v in result["variants"]:
-        print(f"{v['label']}: {v['model_bytes'] / 1e6:.1f} MB, load {v['load_seconds']:.2f} s, peak RSS "
-              f"{v['peak_rss_mb']:.0f} MB" if v["peak_rss_mb"] is not None else v["label"])
+        rss = f", peak RSS {v['peak_rss_mb']:.0f} MB" if v["peak_rss_mb"] is not None else ""
+        print(f"{v['label']}: model {v['model_bytes'] / 1e6:.1f} MB, folder {v['folder_bytes'] / 1e6:.1f} MB, "
+              f"load {v['load_seconds']:.2f} s{rss}")
         for d, p in zip(v["decode"], v["prefill"], strict=True):
             est = (f", device estimate {d['device_estimate']['estimate_ms']:.2f} ms" if "device_estimate" in d else "")
             print(f"  {d['context']:>5} tokens: prefill {p['median_ms']:8.1f} ms (p90 {p['p90_ms']:.1f}); decode "

@@ -232,6 +232,9 @@ def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | 
         v, s, info = p.variant, samples[p.variant.label], p.info
         weights = costmodel.weight_bytes(v.model_file)
         size = sum(f.stat().st_size for f in v.model_file.parent.glob(v.model_file.name + "*"))
+        # what ships: every file of the folder (a bundle: model, tokenizer, configs, manifest), reports aside
+        folder = sum(f.stat().st_size for f in v.model_file.parent.rglob("*")
+                     if f.is_file() and not f.relative_to(v.model_file.parent).parts[0].startswith(("profile", ".")))
         decode, prefill = [], []
         for n in lengths:
             steps_ms = [1000 * x for x in s["steps"][n]]
@@ -249,7 +252,7 @@ def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | 
                             "tokens_per_second": n / statistics.median(pre_ms) * 1000})
         rss0, peak = info["rss_before_load_mb"], peaks[v.label]
         results.append({
-            "label": v.label, "model_file": v.model_file.name, "model_bytes": size,
+            "label": v.label, "model_file": v.model_file.name, "model_bytes": size, "folder_bytes": folder,
             "weight_bytes": weights["total"], "weight_bytes_read_per_token": weights["read_per_token"],
             "load_seconds": info["load_seconds"], "providers": info["providers"],
             "peak_rss_mb": peak, "rss_before_load_mb": rss0,
@@ -314,12 +317,13 @@ def _markdown(result: dict, title: str) -> str:
         lines.append("")
     n0 = s["lengths"][0]
     lines += ["## Summary", "",
-              f"| variant | model size | load | peak RSS (model) | providers | decode @{n0} ms/token (p90) "
-              f"| tokens/s | measured / floor |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+              f"| variant | model size | folder size | load | peak RSS (model) | providers | decode @{n0} ms/token "
+              f"(p90) | tokens/s | measured / floor |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for v in result["variants"]:
         d = v["decode"][0]
         rss = f"{v['peak_rss_mb']:.0f} MB ({v['model_rss_mb']:.0f} MB)" if v["peak_rss_mb"] is not None else "n/a"
-        lines.append(f"| {v['label']} | {v['model_bytes'] / 1e6:.1f} MB | {v['load_seconds']:.2f} s | {rss} | "
+        lines.append(f"| {v['label']} | {v['model_bytes'] / 1e6:.1f} MB | {v['folder_bytes'] / 1e6:.1f} MB | "
+                     f"{v['load_seconds']:.2f} s | {rss} | "
                      f"{', '.join(p.replace('ExecutionProvider', '') for p in v['providers'])} | "
                      f"{d['median_ms']:.2f} ({d['p90_ms']:.2f}) | {d['tokens_per_second']:.0f} | "
                      f"{d['measured_over_floor']:.2f} |")

@@ -48,6 +48,7 @@ def test_bundle_carries_its_profile_report(tiny_run):
     bw = prof["machine"]["read_bandwidth_gbs"]
     for v in (bundle, fp32):
         assert v["peak_rss_mb"] > v["model_rss_mb"] > 0 and v["load_seconds"] > 0
+        assert v["folder_bytes"] > v["model_bytes"] > 0
         for d in v["decode"]:
             assert d["p90_ms"] >= d["median_ms"] > 0
             assert d["floor_ms"] == pytest.approx(costmodel.floor_ms(d["bytes_read_per_token"], bw), rel=1e-3)
