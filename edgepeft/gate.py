@@ -185,13 +185,6 @@ def measure(model_file: Path, genai_config: Path, settings: GateSettings, progre
     return out
 
 
-def machine() -> dict:
-    from edgepeft.profile import machine as describe
-
-    m = describe(0, 0.0)
-    return {k: m[k] for k in ("cpu", "cores", "platform", "onnxruntime")}
-
-
 def read_baseline(path: Path) -> dict:
     if not path.is_file():
         raise EdgepeftError(f"{path}: no baseline there; record one with --update-baseline")
@@ -220,6 +213,7 @@ def _model_of(folder: Path) -> tuple[Path, Path, str]:
 def check(bundle: Path, baseline_path: Path, update: bool = False, rounds: int | None = None,
           tolerance: float | None = None, echo=print) -> int:
     """Run the gate; returns the exit status (0 pass, 1 regression). ``update`` records a new baseline."""
+    from edgepeft.profile import machine
     from edgepeft.sources import sha256_file
 
     bundle, baseline_path = Path(bundle), Path(baseline_path)

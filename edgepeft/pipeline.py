@@ -99,7 +99,7 @@ def file_table(folder: Path) -> dict[str, dict]:
     return table
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -191,7 +191,7 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
                   "figures": ctx.figures, "seconds": round(time.time() - t0, 2),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": file_table(tmp)}
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         work = run_dir / f".{stage.name}.work"
         if work.exists():
             shutil.rmtree(work)

@@ -163,7 +163,8 @@ class _Process:
 
 # ---------------------------------------------------------------- measuring, summarising
 
-def machine(threads: int, bandwidth_gbs: float) -> dict:
+def machine() -> dict:
+    """What the figures were measured on: CPU model, cores, platform, onnxruntime version."""
     import onnxruntime as ort
 
     cpu = platform.processor() or platform.machine()
@@ -174,8 +175,7 @@ def machine(threads: int, bandwidth_gbs: float) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__,
-            "threads": threads, "read_bandwidth_gbs": round(bandwidth_gbs, 2)}
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -259,7 +259,8 @@ def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | 
             "model_rss_mb": peak - rss0 if peak is not None and rss0 is not None else None,
             "prefill": prefill, "decode": decode})
     return {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "target": target.name,
-            "providers_requested": target.providers, "machine": machine(threads, bandwidth),
+            "providers_requested": target.providers,
+            "machine": {**machine(), "threads": threads, "read_bandwidth_gbs": round(bandwidth, 2)},
             "settings": {**asdict(cfg), "lengths": lengths}, "kv_bytes_per_position": kv,
             "vocab_size": json.loads(variants[0].genai_config.read_text())["model"]["vocab_size"],
             "device": {k: getattr(target, k) for k in ("device", "device_memory_bandwidth_gbs",
@@ -419,7 +420,7 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
     from edgepeft import target as target_mod
     from edgepeft.bundle import check_files, read_manifest, write_manifest
     from edgepeft.config import from_table
-    from edgepeft.pipeline import _replace_dir
+    from edgepeft.pipeline import replace_dir
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -445,7 +446,7 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
         folder = "profile" if own else f"profile-{target.name}"
         tmp = bundle / f".{folder}.tmp"
         ref = write_report(result, tmp, manifest["name"], folder)
-        _replace_dir(tmp, bundle / folder)
+        replace_dir(tmp, bundle / folder)
         body = {k: v for k, v in manifest.items() if k not in ("files", "format", "manifest_sha256")}
         body["profiles"] = {**manifest.get("profiles", {}), folder: ref}
         write_manifest(bundle, body)
