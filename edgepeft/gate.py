@@ -122,7 +122,7 @@ def measure(model_file: Path, genai_config: Path, settings: GateSettings, progre
     """Interleaved rounds of the bundle and the reference; per-metric ratio samples and absolute medians."""
     import numpy as np
 
-    from edgepeft.onnx_model import Decoder, session
+    from edgepeft.onnx_model import Decoder, random_prompt, session, timed_generation
     from edgepeft.ui import progress
 
     s = settings
@@ -132,21 +132,12 @@ def measure(model_file: Path, genai_config: Path, settings: GateSettings, progre
                             f"model's {dec.context_length}")
     ref = session(reference_model(), s.threads)
     rng = np.random.default_rng(0)
-    prompt = [int(t) for t in rng.integers(100, dec.vocab_size - 1, size=s.context)]
+    prompt = random_prompt(dec, s.context, rng)
     x1 = rng.standard_normal((1, REFERENCE["hidden"]), dtype=np.float32)
     xp = rng.standard_normal((s.context, REFERENCE["hidden"]), dtype=np.float32)
 
     def bundle():
-        t = time.perf_counter()
-        logits, cache = dec.prefill(prompt)
-        first = time.perf_counter() - t
-        token, total, steps = int(logits[-1].argmax()), s.context, []
-        for _ in range(s.decode_tokens):
-            total += 1
-            t = time.perf_counter()
-            logits, cache = dec.step(token, cache, total)
-            steps.append(time.perf_counter() - t)
-            token = int(logits.argmax())
+        first, steps = timed_generation(dec, prompt, s.decode_tokens)
         t = time.perf_counter()
         dec.prefill(prompt)
         return statistics.median(steps), min(first, time.perf_counter() - t)

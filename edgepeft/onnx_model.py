@@ -120,26 +120,35 @@ def decode_logits(decoder: Decoder, ids: list[int], prompt: int) -> np.ndarray:
     return np.stack(rows)
 
 
+def random_prompt(decoder: Decoder, tokens: int, rng) -> list[int]:
+    return [int(t) for t in rng.integers(100, decoder.vocab_size - 1, size=tokens)]
+
+
+def timed_generation(decoder: Decoder, prompt: list[int], decode_tokens: int) -> tuple[float, list[float]]:
+    """Seconds to prefill ``prompt``, and seconds of each of ``decode_tokens`` greedy cached steps after it."""
+    t = time.perf_counter()
+    logits, cache = decoder.prefill(prompt)
+    prefill = time.perf_counter() - t
+    token, total, steps = int(logits[-1].argmax()), len(prompt), []
+    for _ in range(decode_tokens):
+        total += 1
+        t = time.perf_counter()
+        logits, cache = decoder.step(token, cache, total)
+        steps.append(time.perf_counter() - t)
+        token = int(logits.argmax())
+    return prefill, steps
+
+
 def latency(decoder: Decoder, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
             seed: int = 0) -> dict[str, float]:
     """Prefill time for a ``prompt_tokens`` prompt and decode time per token (greedy, batch 1), medians
     over ``repeats`` runs after one warm-up run."""
-    rng = np.random.default_rng(seed)
-    prompt = [int(t) for t in rng.integers(100, decoder.vocab_size - 1, size=prompt_tokens)]
+    prompt = random_prompt(decoder, prompt_tokens, np.random.default_rng(seed))
     prefill_s, step_s = [], []
     for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        logits, cache = decoder.prefill(prompt)
-        t1 = time.perf_counter()
-        token, total, steps = int(logits[-1].argmax()), prompt_tokens, []
-        for _ in range(decode_tokens):
-            total += 1
-            t = time.perf_counter()
-            logits, cache = decoder.step(token, cache, total)
-            steps.append(time.perf_counter() - t)
-            token = int(logits.argmax())
+        prefill, steps = timed_generation(decoder, prompt, decode_tokens)
         if r:  # the first run warms caches and the thread pool
-            prefill_s.append(t1 - t0)
+            prefill_s.append(prefill)
             step_s.append(statistics.median(steps))
     return {"prefill_ms": 1000 * statistics.median(prefill_s), "decode_ms_per_token": 1000 * statistics.median(step_s),
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats}

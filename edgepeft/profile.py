@@ -96,7 +96,7 @@ def _worker(conn, model_file: str, genai_config: str, threads: int, providers: l
         import numpy as np
         import onnxruntime  # noqa: F401  (imported before the baseline: its libraries are not the model's)
 
-        from edgepeft.onnx_model import Decoder, resolve_providers
+        from edgepeft.onnx_model import Decoder, random_prompt, resolve_providers, timed_generation
 
         rss0 = _rss_now()
         chosen, warnings = resolve_providers(providers)
@@ -106,21 +106,11 @@ def _worker(conn, model_file: str, genai_config: str, threads: int, providers: l
         conn.send({"load_seconds": load_s, "rss_before_load_mb": rss0, "providers": dec.session.get_providers(),
                    "warnings": warnings})
         rng = np.random.default_rng(seed)
-        prompts = {n: [int(t) for t in rng.integers(100, dec.vocab_size - 1, size=n)] for n in lengths}
+        prompts = {n: random_prompt(dec, n, rng) for n in lengths}
         while conn.recv() == "round":
             prefill, steps = {}, {}
             for n in lengths:
-                t = time.perf_counter()
-                logits, cache = dec.prefill(prompts[n])
-                prefill[n] = time.perf_counter() - t
-                token, total, ts = int(logits[-1].argmax()), n, []
-                for _ in range(decode_tokens):
-                    total += 1
-                    t = time.perf_counter()
-                    logits, cache = dec.step(token, cache, total)
-                    ts.append(time.perf_counter() - t)
-                    token = int(logits.argmax())
-                steps[n] = ts
+                prefill[n], steps[n] = timed_generation(dec, prompts[n], decode_tokens)
             conn.send({"prefill": prefill, "steps": steps})
         conn.send({"peak_rss_mb": _peak_rss()})
     except Exception as e:  # reported by the parent as a one-line error
