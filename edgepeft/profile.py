@@ -422,7 +422,8 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
     else:
         known = {k: v for k, v in manifest["target"].items() if k in target_mod.Target.__dataclass_fields__}
         target = from_table(target_mod.Target, known, f"{bundle}/manifest.json [target]")
-    cfg = cfg or ProfileConfig(**manifest.get("recipe", {}).get("profile", {}))
+    if cfg is None:  # the settings the bundle was profiled with when it was made
+        cfg = from_table(ProfileConfig, manifest.get("recipe", {}).get("profile"), f"{bundle}/manifest.json [profile]")
     own = target.name == manifest["target"]["name"]
     label = f"bundle ({manifest['target'].get('weights', '?')}, {manifest['model_file']})"
     variants = [Variant(label, bundle / manifest["model_file"], bundle / "genai_config.json")]
