@@ -144,6 +144,39 @@ def test_shared_embedding_reads_the_heads_int4_weights(run):
     assert not any(i.name == "lm_head.MatMul.weight" for i in g.initializer)  # the fp32 table is gone
 
 
+def test_shared_embedding_keeps_the_heads_zero_points_when_asymmetric(run, tmp_path):
+    """An asymmetric head stores zero points; the shared lookup must use them too (it once dropped them, and
+    every embedding row came out shifted)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgepeft.stages.requantize import quantize
+    from edgepeft.target import Target
+
+    out = tmp_path / "asym.onnx"
+    quantize(run["out"] / "export" / "model" / "model.onnx", out, Target("t", symmetric=False))
+    model = onnx.load(str(out))
+    g = model.graph
+    head = next(n for n in g.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
+    lookup = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
+    assert len(head.input) == 4 and len(lookup.input) == 4
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    packed, scales, zp = inits[head.input[1]], inits[head.input[2]], inits[head.input[3]]
+    n, blocks = packed.shape[:2]
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.int32)
+    zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.int32)
+    table = ((q - zero[..., None]) * scales.reshape(n, blocks)[..., None]).reshape(n, -1)
+    g.output.append(onnx.helper.make_tensor_value_info(lookup.output[0], onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, 777, 49151]], np.int64)
+    dec = Decoder(out, genai_config=run["out"] / "requantize" / "model" / "genai_config.json")
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds.update({name: np.zeros((1, dec.kv_heads, 0, dec.head_size), np.float32) for name in dec.past})
+    rows = sess.run([lookup.output[0]], feeds)[0][0]
+    np.testing.assert_allclose(rows, table[ids[0]], rtol=0, atol=1e-6)
+
+
 def test_export_gate_fails_and_leaves_nothing(run, tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     shutil.copytree(run["out"], out)

@@ -66,15 +66,24 @@ def tie_quantized_embedding(model, bits: int) -> bool:
     shape = numpy_helper.from_array(np.array([n, k * bits // 8], np.int64), f"{EMBED}/packed_shape")
     packed = f"{EMBED}/packed_weight"
     reshape = helper.make_node("Reshape", [head.input[1], shape.name], [packed], name=f"{EMBED}/Reshape")
-    lookup = helper.make_node("GatherBlockQuantized", [packed, gather.input[1], head.input[2]], list(gather.output),
+    inputs, extra = [packed, gather.input[1], head.input[2]], [shape]
+    if len(head.input) > 3 and head.input[3]:  # asymmetric: the head's zero points, packed [N * blocks * bits / 8]
+        zp_shape = numpy_helper.from_array(np.array([n, (k // block * bits + 7) // 8], np.int64), f"{EMBED}/zp_shape")
+        zp = helper.make_node("Reshape", [head.input[3], zp_shape.name], [f"{EMBED}/zero_points"],
+                              name=f"{EMBED}/ReshapeZeroPoints")
+        inputs.append(zp.output[0])
+        extra.append(zp_shape)
+    lookup = helper.make_node("GatherBlockQuantized", inputs, list(gather.output),
                               name=f"{EMBED}/GatherBlockQuantized", domain="com.microsoft", bits=bits,
                               block_size=block, gather_axis=0, quantize_axis=1)
     at = list(g.node).index(transpose)
     g.node.remove(transpose)
     g.node.remove(gather)
     g.node.insert(at, lookup)
+    if len(extra) > 1:
+        g.node.insert(at, zp)
     g.node.insert(at, reshape)
-    g.initializer.append(shape)
+    g.initializer.extend(extra)
     still_used = {i for node in g.node for i in node.input}
     for init in [i for i in g.initializer if i.name == transpose.input[0] and i.name not in still_used]:
         g.initializer.remove(init)
