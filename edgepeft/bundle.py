@@ -35,14 +35,10 @@ def seal(manifest: dict) -> bytes:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    import os
-
-    from edgepeft.pipeline import file_table
+    from edgepeft.pipeline import file_table, write_atomic
 
     files = {k: v for k, v in file_table(folder).items() if k != MANIFEST}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_bytes(seal({**manifest, "format": FORMAT, "files": files}))
-    os.replace(tmp, folder / MANIFEST)  # a reader sees the old manifest or the new one, never half
+    write_atomic(folder / MANIFEST, seal({**manifest, "format": FORMAT, "files": files}))
 
 
 def _safe(folder: Path, rel: str) -> Path:

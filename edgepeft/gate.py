@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -204,6 +203,7 @@ def _model_of(folder: Path) -> tuple[Path, Path, str]:
 def check(bundle: Path, baseline_path: Path, update: bool = False, rounds: int | None = None,
           tolerance: float | None = None, echo=print) -> int:
     """Run the gate; returns the exit status (0 pass, 1 regression). ``update`` records a new baseline."""
+    from edgepeft.pipeline import write_atomic
     from edgepeft.profile import machine
     from edgepeft.sources import sha256_file
 
@@ -227,9 +227,7 @@ def check(bundle: Path, baseline_path: Path, update: bool = False, rounds: int |
                 "machine": here, "reference": REFERENCE,
                 "settings": asdict(settings), "metrics": result}
         baseline_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = baseline_path.with_name(baseline_path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, baseline_path)
+        write_atomic(baseline_path, json.dumps(data, indent=2) + "\n")
         echo(f"latency-check: baseline recorded in {baseline_path} ({settings.rounds} rounds, {settings.threads} "
              f"thread(s)): decode {result['decode']['ratio']:.3f} x reference "
              f"[{result['decode']['ci'][0]:.3f}, {result['decode']['ci'][1]:.3f}], prefill "

@@ -90,9 +90,8 @@ def busy_core(on: bool):
 
 def main(argv: list[str] | None = None) -> int:
     from edgepeft.bundle import read_manifest
-    from edgepeft.config import from_table
     from edgepeft.gate import check
-    from edgepeft.target import Target
+    from edgepeft.target import from_manifest
 
     p = argparse.ArgumentParser(prog="python -m edgepeft.gate_study", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="a finished run folder, e.g. dist/android")
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bundle = bundles[0].parent
     manifest = read_manifest(bundle)
-    target = from_table(Target, {k: v for k, v in manifest["target"].items() if k in Target.__dataclass_fields__},
-                        "manifest [target]")
+    target = from_manifest(manifest["target"], "manifest [target]")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         baseline = work / "baseline.json"

@@ -99,6 +99,17 @@ def file_table(folder: Path) -> dict[str, dict]:
     return table
 
 
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file through a temporary sibling and a rename: a reader sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old")
     if old.exists():

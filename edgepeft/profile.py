@@ -410,7 +410,7 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
     from edgepeft import target as target_mod
     from edgepeft.bundle import check_files, read_manifest, write_manifest
     from edgepeft.config import from_table
-    from edgepeft.pipeline import replace_dir
+    from edgepeft.pipeline import replace_dir, write_atomic
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -420,8 +420,7 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
     if target_spec:
         target = target_mod.load(target_spec)
     else:
-        known = {k: v for k, v in manifest["target"].items() if k in target_mod.Target.__dataclass_fields__}
-        target = from_table(target_mod.Target, known, f"{bundle}/manifest.json [target]")
+        target = target_mod.from_manifest(manifest["target"], f"{bundle}/manifest.json [target]")
     if cfg is None:  # the settings the bundle was profiled with when it was made
         cfg = from_table(ProfileConfig, manifest.get("recipe", {}).get("profile"), f"{bundle}/manifest.json [profile]")
     own = target.name == manifest["target"]["name"]
@@ -430,9 +429,7 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
     variants += [variant_of(p) for p in compare]
     result = measure(variants, target, cfg)
     if json_out:
-        tmp = Path(json_out).with_name(Path(json_out).name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, json_out)
+        write_atomic(Path(json_out), json.dumps(result, indent=2) + "\n")
     if write:
         folder = "profile" if own else f"profile-{target.name}"
         tmp = bundle / f".{folder}.tmp"

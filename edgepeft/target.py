@@ -72,6 +72,11 @@ class Target:
         return ACCURACY_LEVEL[self.activations]
 
 
+def from_manifest(table: dict, where: str) -> Target:
+    """The target a bundle was made for, from its manifest (keys newer than that edgepeft are left out)."""
+    return from_table(Target, {k: v for k, v in table.items() if k in Target.__dataclass_fields__}, where)
+
+
 def search_dirs(base_dir: Path | None) -> list[Path]:
     dirs = [Path.cwd() / "targets", Path(__file__).resolve().parents[1] / "targets"]  # last: the source tree
     if base_dir is not None:
