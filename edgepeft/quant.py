@@ -1,0 +1,248 @@
+"""Block-wise weight quantization for ONNX Runtime's ``MatMulNBits``, with or without calibration data.
+
+A MatMul weight ``B`` [K, N] is cut into blocks of ``block`` consecutive inputs (along K) for each output
+column; each block stores ``bits``-bit codes, one scale and (asymmetric) one zero point:
+``w ~ (code - zero_point) * scale``. Three ways to choose the codes:
+
+* ``rtn``: round to nearest on the block's full range (symmetric: the largest magnitude maps to -2^(bits-1),
+  as ONNX Runtime's own quantizer does; asymmetric: min..max).
+* ``clip``: activation-aware range search. For every block, a grid of shrunken ranges is tried and the one
+  with the least output error is kept, the error of input k weighted by ``E[x_k^2]`` measured on the
+  calibration data. Shrinking clips a few outliers to round the many small weights finer; the weighting
+  keeps the inputs that carry large activations exact (the clipping search of AWQ, Lin et al. 2023).
+* ``gptq``: GPTQ (Frantar et al. 2022): weights are rounded one input at a time and the rounding error is
+  pushed onto the inputs not yet rounded, through the inverse of ``H = E[x x^T]`` from the calibration
+  data. Each block's range is chosen (with the ``clip`` search) when the algorithm reaches it.
+
+Everything here is numpy/PyTorch on the CPU; packing follows the ``MatMulNBits`` contrib op: ``B`` as
+uint8 [N, K/block, block*bits/8] (the lower nibble first), scales [N, K/block], zero points uint8
+[N, ceil(K/block*bits/8)] (omitted when symmetric: the op then uses 2^(bits-1)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(9))  # ranges shrunk to 100%, 95%, ..., 60%
+
+
+@dataclass
+class Quantized:
+    """One quantized weight: codes [N, K/block, block] (uint8), scales [N, K/block], zero points or None."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+    block: int
+
+    def dequantize(self) -> np.ndarray:
+        """The weight as the kernel sees it, [K, N] float32."""
+        zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, 2 ** (self.bits - 1))
+        w = (self.codes.astype(np.float32) - zp[..., None].astype(np.float32)) * self.scales[..., None]
+        return w.reshape(w.shape[0], -1).T.copy()
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(B, scales, zero_points) as MatMulNBits stores them."""
+        n, nb, block = self.codes.shape
+        if self.bits == 8:
+            b = self.codes.astype(np.uint8)
+            zp = None if self.zero_points is None else self.zero_points.astype(np.uint8)
+        else:
+            c = self.codes.astype(np.uint8)
+            b = (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+            zp = None
+            if self.zero_points is not None:
+                z = self.zero_points.astype(np.uint8)
+                if nb % 2:
+                    z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+                zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+        return b.reshape(n, nb, block * self.bits // 8), self.scales.astype(np.float32), zp
+
+    def tensors(self, base: str) -> list:
+        """The packed weight, scales (and zero points) as ONNX initializers named after ``base`` (made once)."""
+        from onnx import numpy_helper
+
+        cached = getattr(self, "_tensors", None)
+        if cached is None or cached[0] != base:
+            b, s, zp = self.packed()
+            made = [numpy_helper.from_array(b, f"{base}_Q{self.bits}"), numpy_helper.from_array(s, f"{base}_scales")]
+            if zp is not None:
+                made.append(numpy_helper.from_array(zp, f"{base}_zero_points"))
+            self._tensors = cached = (base, made)
+        return cached[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.packed() if a is not None)
+
+
+def _ranges(blocks: np.ndarray, bits: int, symmetric: bool, shrink: float):
+    """Scale and zero point per block for a range shrunk by ``shrink``; blocks [..., block]."""
+    levels = 2 ** bits - 1
+    if symmetric:
+        i = np.abs(blocks).argmax(-1)[..., None]
+        peak = np.take_along_axis(blocks, i, -1)[..., 0] * shrink
+        scale = peak / -(2 ** (bits - 1))
+        scale = np.where(scale == 0, 1.0, scale)
+        zp = np.full(scale.shape, 2 ** (bits - 1), np.float32)
+    else:
+        lo, hi = blocks.min(-1) * shrink, blocks.max(-1) * shrink
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)  # zero stays exact: padding and dead inputs
+        scale = (hi - lo) / levels
+        scale = np.where(scale == 0, 1.0, scale)
+        zp = np.clip(np.round(-lo / scale), 0, levels)
+    return scale.astype(np.float32), zp.astype(np.float32)
+
+
+def _codes(blocks, scale, zp, bits):
+    return np.clip(np.round(blocks / scale[..., None]) + zp[..., None], 0, 2 ** bits - 1)
+
+
+def choose_ranges(blocks: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None,
+                  grid=CLIP_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the (scale, zero point) of the grid's range with the least ``importance``-weighted squared
+    error. blocks [N, nb, block]; importance [nb, block] (E[x^2] of each input) or None for round-to-nearest."""
+    if importance is None:
+        return _ranges(blocks, bits, symmetric, 1.0)
+    best_err = best_scale = best_zp = None
+    for shrink in grid:
+        scale, zp = _ranges(blocks, bits, symmetric, shrink)
+        err = ((((_codes(blocks, scale, zp, bits) - zp[..., None]) * scale[..., None]) - blocks) ** 2
+               * importance).sum(-1)
+        if best_err is None:
+            best_err, best_scale, best_zp = err, scale, zp
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_zp = np.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def quantize_rtn(w: np.ndarray, bits: int, block: int, symmetric: bool,
+                 importance: np.ndarray | None = None) -> Quantized:
+    """Round-to-nearest of ``w`` [K, N]; with ``importance`` (E[x_k^2], [K]) each block's range is searched."""
+    k, n = w.shape
+    blocks = np.ascontiguousarray(w.T, dtype=np.float32).reshape(n, k // block, block)
+    imp = None if importance is None else importance.reshape(k // block, block)
+    scale, zp = choose_ranges(blocks, bits, symmetric, imp)
+    codes = _codes(blocks, scale, zp, bits).astype(np.uint8)
+    return Quantized(codes, scale, None if symmetric else zp.astype(np.uint8), bits, block)
+
+
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool,
+                  damp: float = 0.01, clip: bool = True, lazy: int = 128) -> Quantized:
+    """GPTQ of ``w`` [K, N] with ``hessian`` = E[x x^T] [K, K] of its input on the calibration data."""
+    import torch
+
+    k, n = w.shape
+    W = torch.tensor(w.T, dtype=torch.float64)  # [N, K]: one row per output, rounded column by column
+    H = torch.tensor(hessian, dtype=torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    importance = torch.diag(H).numpy() if clip else None
+    nb = k // block
+    codes = np.zeros((n, nb, block), np.uint8)
+    scales = np.zeros((n, nb), np.float32)
+    zps = np.zeros((n, nb), np.float32)
+    lazy = max(block, lazy // block * block)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                b = col // block
+                group = W1[:, i:i + block].numpy().astype(np.float32)[:, None, :]
+                imp = None if importance is None else importance[col:col + block][None, :]
+                s, z = choose_ranges(group, bits, symmetric, imp)
+                scales[:, b], zps[:, b] = s[:, 0], z[:, 0]
+                scale_t, zp_t = torch.tensor(s[:, 0], dtype=torch.float64), torch.tensor(z[:, 0], dtype=torch.float64)
+            x = W1[:, i]
+            q = torch.clamp(torch.round(x / scale_t) + zp_t, 0, 2 ** bits - 1)
+            codes[:, col // block, col % block] = q.numpy().astype(np.uint8)
+            err = (x - (q - zp_t) * scale_t) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Quantized(codes, scales, None if symmetric else zps.astype(np.uint8), bits, block)
+
+
+# ---- the ONNX graph side ------------------------------------------------------------------------------
+
+def weight_matmuls(model) -> list:
+    """The graph's MatMul nodes whose second input is a 2-D initializer (the ones to quantize)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2]
+
+
+def input_statistics(model, windows: list[list[int]], decoder_factory, full: bool = True,
+                     progress=None) -> dict[str, tuple[np.ndarray, int]]:
+    """E[x x^T] (``full``) or E[x^2] of every weight MatMul's input over the calibration ``windows``:
+    {input tensor name: (matrix or vector, tokens)}. ``decoder_factory(model_bytes)`` builds a Decoder."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = sorted({n.input[0] for n in weight_matmuls(m)})
+    existing = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in existing:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    decoder = decoder_factory(m.SerializeToString())
+    del m
+    sums: dict[str, np.ndarray] = {}
+    tokens = 0
+    for w in windows:
+        feeds = {"input_ids": np.asarray([w], np.int64), "attention_mask": np.ones((1, len(w)), np.int64)}
+        for p in decoder.past:
+            feeds[p] = np.zeros((1, decoder.kv_heads, 0, decoder.head_size), np.float32)
+        outs = dict(zip(decoder.outputs, decoder.session.run(None, feeds), strict=True))
+        for name in names:
+            x = outs[name].reshape(-1, outs[name].shape[-1]).astype(np.float64)
+            s = x.T @ x if full else (x * x).sum(0)
+            sums[name] = s if name not in sums else sums[name] + s
+        tokens += len(w)
+        if progress:
+            progress(1)
+    return {k: (v / tokens, tokens) for k, v in sums.items()}
+
+
+def keep_initializers(model, keep) -> None:
+    """Drop the initializers whose name ``keep`` rejects (one pass; no per-item search of big tensors)."""
+    g = model.graph
+    kept = [i for i in g.initializer if keep(i.name)]
+    if len(kept) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(kept)
+
+
+def to_matmulnbits(model, choices: dict[str, Quantized], accuracy_level: int) -> None:
+    """Replace each MatMul named in ``choices`` by a MatMulNBits over its quantized weight, in place."""
+    from onnx import helper
+
+    g = model.graph
+    for node in [n for n in g.node if n.op_type == "MatMul" and n.name in choices]:
+        q = choices[node.name]
+        n, k = q.codes.shape[0], q.codes.shape[1] * q.block
+        new = q.tensors(node.input[1])
+        attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        repl = helper.make_node("MatMulNBits", [node.input[0]] + [t.name for t in new], list(node.output),
+                                name=f"{node.name}_Q{q.bits}", domain="com.microsoft", **attrs)
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(at, repl)
+        g.initializer.extend(new)
+    used = {i for node in g.node for i in node.input}
+    keep_initializers(model, lambda name: name in used)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
