@@ -20,7 +20,12 @@ def python_docs(part: str) -> str:
     return "\n\n".join(topics[n].strip() for n in chosen)
 
 
-def token_windows(tokenizer, text: str, windows: int, length: int) -> list[list[int]]:
-    """Up to ``windows`` consecutive, non-overlapping windows of ``length`` tokens from the start of text."""
+def token_windows(tokenizer, text: str, windows: int, length: int, spread: bool = False) -> list[list[int]]:
+    """Up to ``windows`` non-overlapping windows of ``length`` tokens: consecutive from the start of the text,
+    or (``spread``) evenly spaced over all of it, so they sample every part of the text, not its first topics."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [ids[i * length:(i + 1) * length] for i in range(min(windows, len(ids) // length))]
+    n = min(windows, len(ids) // length)
+    if not spread or n == 0:
+        return [ids[i * length:(i + 1) * length] for i in range(n)]
+    step = len(ids) // n
+    return [ids[i * step:i * step + length] for i in range(n)]

@@ -104,6 +104,29 @@ def _profile(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    """``edgepeft evaluate RECIPE`` runs the stage; ``edgepeft evaluate BUNDLE`` judges a bundle folder."""
+    from edgepeft.bundle import MANIFEST
+
+    bundle = Path(args.recipe)
+    if not (bundle.is_dir() and (bundle / MANIFEST).is_file()):
+        if args.run:
+            raise EdgepeftError("--run goes with a bundle folder, not a recipe")
+        return _run(args, "evaluate", "evaluate")
+    from edgepeft.runtime import quiet
+    from edgepeft.stages.evaluate import Reference, evaluate_bundle, failure, recipe_of
+
+    quiet()
+    recipe = recipe_of(bundle)
+    run_dir = Path(args.run) if args.run else bundle.parent.parent
+    result = evaluate_bundle(bundle, recipe, recipe.evaluate, Reference.of_run(run_dir))
+    print(f"report: {bundle / 'quality' / 'report.md'} (manifest re-sealed)")
+    if not result["passed"]:
+        print(f"edgepeft: {failure(recipe.name, result)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _latency_check(args) -> int:
     from edgepeft.gate import check
 
@@ -138,10 +161,11 @@ def summary(records: dict[str, dict]) -> None:
                      f"{f['max_logit_diff']:.2e}")
     if "requantize" in records:
         f = records["requantize"]["figures"]
-        lines.append(f"requantize: {f['weights']} block {f['block_size']}: {mb(f['fp32_bytes'])} -> "
-                     f"{mb(f['quantized_bytes'])}; next-token agreement with fp32 "
-                     f"{100 * f['next_token_agreement']:.1f}%, perplexity {f['perplexity_fp32']:.2f} -> "
-                     f"{f['perplexity_quantized']:.2f} ({100 * f['perplexity_change']:+.1f}%)")
+        c = f["calibration_scores"]["final"]
+        lines.append(f"requantize: {f['weights']} block {f['block_size']} ({f['method']}, {f['int8_matmuls']} of "
+                     f"{f['matmulnbits']} MatMuls kept at int8): {mb(f['fp32_bytes'])} -> {mb(f['quantized_bytes'])}; "
+                     f"on calibration data vs fp32: perplexity {100 * c['perplexity_increase']:+.1f}%, "
+                     f"agreement {100 * c['next_token_agreement']:.1f}%")
     if "bundle" in records:
         f = records["bundle"]["figures"]
         lines.append(f"bundle size {mb(f['bundle_bytes'])}; decode {f['decode_ms_per_token']:.2f} ms/token "
@@ -150,11 +174,13 @@ def summary(records: dict[str, dict]) -> None:
         if "device_estimate_ms_per_token" in f:
             lines.append(f"on-device estimate ({f.get('device', 'target device')}): decode "
                          f"{f['device_estimate_ms_per_token']:.2f} ms/token")
-        if "exact_match_bundle" in f:
-            ref = (f", (4-bit base + adapter) {100 * f['exact_match_reference']:.1f}%"
-                   if "exact_match_reference" in f else "")
-            lines.append(f"exact match on {f['exact_match_examples']} {f['exact_match_split']} prompts: "
-                         f"bundle {100 * f['exact_match_bundle']:.1f}%{ref}")
+    if "evaluate" in records:
+        f = records["evaluate"]["figures"]
+        em = (f"; exact match {100 * f['exact_match_bundle']:.1f}% vs {100 * f['exact_match_reference']:.1f}% on "
+              f"{f['task_examples']} {f['task_split']} prompts" if "exact_match_bundle" in f else "")
+        lines.append(f"quality gate {'passed' if f['passed'] else 'FAILED'} vs (4-bit base + adapter): perplexity "
+                     f"{100 * f['perplexity_increase']:+.1f}%, KL {f['kl']:.3f}, agreement "
+                     f"{100 * f['next_token_agreement']:.1f}%{em}")
     if lines:
         print("summary:\n  " + "\n  ".join(lines))
 
@@ -186,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.name == "train":
             sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         sp.set_defaults(func=lambda a, n=stage.name: _run(a, n, n))
+        if stage.name == "evaluate":  # `edgepeft evaluate BUNDLE` judges an existing bundle
+            sp.add_argument("--run", metavar="DIR", help="with a bundle: the run folder holding its trained reference "
+                                                         "(default: the bundle's own, two levels up)")
+            sp.set_defaults(func=_evaluate)
     v = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest, load it, generate")
     v.add_argument("bundle", help="bundle folder (dist/<recipe>/bundle/<target>)")
     v.set_defaults(func=_verify)

@@ -426,7 +426,9 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
     own = target.name == manifest["target"]["name"]
     label = f"bundle ({manifest['target'].get('weights', '?')}, {manifest['model_file']})"
     variants = [Variant(label, bundle / manifest["model_file"], bundle / "genai_config.json")]
-    variants += [variant_of(p) for p in compare]
+    for p in compare:  # labels key the results: two folders of the same name are told apart by their path
+        v = variant_of(p)
+        variants.append(v if all(v.label != u.label for u in variants) else variant_of(p, str(p)))
     result = measure(variants, target, cfg)
     if json_out:
         write_atomic(Path(json_out), json.dumps(result, indent=2) + "\n")

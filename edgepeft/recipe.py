@@ -14,6 +14,7 @@ from edgepeft.config import from_table, load_toml
 from edgepeft.errors import EdgepeftError
 from edgepeft.profile import ProfileConfig
 from edgepeft.stages.bundle import BundleConfig
+from edgepeft.stages.evaluate import EvaluateConfig
 from edgepeft.stages.export import ExportConfig
 from edgepeft.stages.load import ModelConfig
 from edgepeft.stages.merge import MergeConfig
@@ -24,7 +25,7 @@ from edgepeft.target import Target
 
 SECTIONS = {"model": ModelConfig, "quantize": QuantizeConfig, "adapter": AdapterConfig, "train": TrainConfig,
             "merge": MergeConfig, "export": ExportConfig, "requantize": RequantizeConfig, "bundle": BundleConfig,
-            "profile": ProfileConfig}
+            "profile": ProfileConfig, "evaluate": EvaluateConfig}
 DEFAULT_TARGET = "android-arm64"
 
 
@@ -41,6 +42,7 @@ class Recipe:
     requantize: RequantizeConfig = field(default_factory=RequantizeConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     target: Target = field(default_factory=lambda: Target(DEFAULT_TARGET))  # `target = "<name>"`: targets/<name>.toml
 
     @property

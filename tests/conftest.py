@@ -43,8 +43,11 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
 
 
 def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "",
-                 tail: str = "", target: str | None = None) -> Path:
-    """A fast recipe for the tiny model; ``extra`` goes into [train], ``tail`` after every table."""
+                 tail: str = "", target: str | None = None, budgets: str = "") -> Path:
+    """A fast recipe for the tiny model; ``extra`` goes into [train], ``budgets`` into [evaluate] (default: the
+    random-init model's own figures pass), ``tail`` after every table."""
+    budgets = budgets or ("max_perplexity_increase = 1.0\nmax_kl = 1.0\nmin_next_token_agreement = 0.0\n"
+                          "max_accuracy_drop = 1.0")
     # IA3 with its defaults (k, v, down), as a user gets it by changing only `method`
     head = f'target = "{target}"' if target else ""
     adapter = 'method = "ia3"' if method == "ia3" else 'method = "lora"\nr = 8\nalpha = 16'
@@ -74,11 +77,17 @@ eval_windows = 2
 eval_window_tokens = 32
 decode_check_tokens = 8
 [requantize]
-eval_windows = 2
-eval_window_tokens = 32
-[bundle]
+calib_windows = 2
+calib_task_windows = 2
+calib_window_tokens = 32
+measure_windows = 4
+sensitivity_windows = 1
+[evaluate]
+windows = 2
+window_tokens = 32
 test_examples = 4
 max_new_tokens = 8
+{budgets}
 [profile]
 lengths = [16, 64]
 decode_tokens = 4

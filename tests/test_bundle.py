@@ -45,9 +45,13 @@ def test_end_to_end_bundle_contents(run):
     assert figures["export"]["max_logit_diff"] <= 1e-3 and figures["export"]["decode"]["tokens"] == 8
     assert figures["requantize"]["embedding"] == "shared with the head, int4"
     assert figures["requantize"]["quantized_bytes"] < figures["requantize"]["fp32_bytes"] / 4
-    bundle = figures["bundle"]
-    assert bundle["decode_ms_per_token"] > 0 and bundle["exact_match_examples"] == 4
-    assert 0 <= bundle["exact_match_bundle"] <= 1 and 0 <= bundle["exact_match_reference"] <= 1
+    assert figures["requantize"]["method"] == "gptq" and figures["requantize"]["int8_matmuls"] == 0
+    assert figures["bundle"]["decode_ms_per_token"] > 0
+    quality = m["quality"]  # written by the evaluate stage, which re-sealed the manifest
+    assert quality["passed"] and quality["report"] == "quality/report.md"
+    assert 0 <= quality["exact_match_bundle"] <= 1 and 0 <= quality["exact_match_reference"] <= 1
+    assert {r["budget"] for r in quality["rows"]} >= {"max_perplexity_increase", "max_kl", "max_accuracy_drop"}
+    assert (b / "quality" / "report.md").read_text().startswith("# Quality gate: tiny")
 
 
 def test_verify_passes_then_fails_on_any_changed_byte(run, tmp_path):

@@ -9,12 +9,11 @@ The ORT-format file is converted with every graph optimization except constant f
 materialize a reshaped copy of the output head's weights for the shared embedding (+14 MB on SmolLM2)
 and undo the sharing. The converted file is loaded back before it is shipped.
 
-Before sealing the manifest the stage measures the bundle as shipped: its latency profile (``[profile]``,
-see ``edgepeft.profile``: load time, prefill and decode by length, memory, the physical floor and the
-on-device estimate, next to the fp32 export) written into ``profile/`` as a report with plots, and exact
-match on the task's test prompts through onnxruntime-genai alone, next to the (4-bit base + adapter)
-reference's on the same prompts. The pipeline writes the stage into a temporary folder and renames it
-when done, so a failure leaves no half bundle.
+Before sealing the manifest the stage measures the bundle's latency as shipped (``[profile]``, see
+``edgepeft.profile``: load time, prefill and decode by length, memory, the physical floor and the
+on-device estimate, next to the fp32 export), written into ``profile/`` as a report with plots. Its
+quality is the next stage's job (``evaluate``), which adds ``quality/`` and re-seals. The pipeline writes
+the stage into a temporary folder and renames it when done, so a failure leaves no half bundle.
 """
 
 from __future__ import annotations
@@ -37,14 +36,8 @@ ORT_CONFIG = "model.required_operators.config"
 
 @dataclass
 class BundleConfig:
-    test_examples: int = 128  # task prompts answered through the bundle (0: skip); built-in tasks use their test split
-    reference_exact_match: bool = True  # also score (4-bit base + adapter) in PyTorch on the same prompts
-    max_new_tokens: int = 48
-
-    def check(self) -> str | None:
-        if self.test_examples < 0 or self.max_new_tokens <= 0:
-            return "test_examples must not be negative and max_new_tokens must be positive"
-        return None
+    """The bundle's contents follow from the target (formats, threads); its latency settings are in
+    ``[profile]`` and its quality budgets in ``[evaluate]``. No keys of its own yet."""
 
 
 def to_ort(onnx_file: Path, ort_file: Path, constant_folding: bool = False) -> None:
@@ -68,15 +61,6 @@ def to_ort(onnx_file: Path, ort_file: Path, constant_folding: bool = False) -> N
         ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise EdgepeftError(f"[bundle] the converted ORT-format model does not load: {first_line(e)}") from None
-
-
-def test_samples(recipe, n: int):
-    from edgepeft.data import load_splits
-
-    t = recipe.train
-    splits = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)
-    samples = [s for s in splits.get("test") or splits["validation"] if s.reference is not None]
-    return samples[:n], ("test" if "test" in splits else "validation")
 
 
 def system_prompt(samples) -> str | None:
@@ -110,31 +94,13 @@ def bundle_exact_match(runner, samples, match, max_new_tokens: int) -> tuple[flo
     return hits / len(samples), answers, tokens / seconds if seconds else float("nan")
 
 
-def reference_exact_match(ctx: StageContext, samples, match, max_new_tokens: int) -> float:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from edgepeft.metrics import exact_match
-    from edgepeft.runtime import load_4bit, progress
-
-    adir = ctx.input("train") / "adapter"
-    tokenizer = AutoTokenizer.from_pretrained(adir)
-    model = PeftModel.from_pretrained(load_4bit(ctx.input("quantize") / "model", torch.device("cpu")), adir)
-    with progress(len(samples), "exact match (4-bit base + adapter)", "example") as bar:
-        acc, _ = exact_match(model, tokenizer, samples, match=match, max_new_tokens=max_new_tokens,
-                             progress=bar.update)
-    return acc
-
-
 def run(ctx: StageContext) -> None:
-    from edgepeft.bundle import Runner, write_manifest
+    from edgepeft.bundle import write_manifest
     from edgepeft.config import as_dict
+    from edgepeft.data import load_splits
     from edgepeft.profile import Variant, headline, measure, write_report
     from edgepeft.runtime import mb
-    from edgepeft.stages.train import matcher
 
-    cfg: BundleConfig = ctx.config
     recipe, target = ctx.recipe, ctx.recipe.target
     src = ctx.input("requantize") / "model"
     name = f"{recipe.name}-{target.name}"
@@ -159,7 +125,8 @@ def run(ctx: StageContext) -> None:
     decoder["session_options"]["inter_op_num_threads"] = 1
     (out / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
 
-    samples, split = test_samples(recipe, cfg.test_examples) if cfg.test_examples else ([], None)
+    t = recipe.train
+    samples = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"][:64]
     eos = genai["model"].get("eos_token_id", [])
     stops = sorted(set(eos if isinstance(eos, list) else [eos]))
     manifest = {
@@ -167,7 +134,8 @@ def run(ctx: StageContext) -> None:
         "target": as_dict(target), "model_file": model_file, "runtime": target.runtime,
         "recipe": {"name": recipe.name, "path": str(recipe.path) if recipe.path else None,
                    **{s: as_dict(recipe.section(s)) for s in ("model", "quantize", "adapter", "train", "merge",
-                                                               "export", "requantize", "bundle", "profile")}},
+                                                               "export", "requantize", "bundle", "profile",
+                                                               "evaluate")}},
         "base_model_sha256": ctx.record_of("load")["outside"]["model_files"],
         "adapter_sha256": adapter_hash(ctx),
         "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
@@ -183,17 +151,6 @@ def run(ctx: StageContext) -> None:
     figures = {"threads": target.threads, "formats": target.formats, "model_file": model_file,
                "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
                **lat, "device": target.device, "profile_warnings": profile["warnings"]}
-    if samples:
-        match = matcher(recipe.train.data)
-        runner = Runner(out, manifest)
-        acc, answers, tps = bundle_exact_match(runner, samples, match, cfg.max_new_tokens)
-        del runner
-        shown = [{"prompt": s.messages[-2][1] if s.messages else s.prompt, "answer": a, "reference": s.reference}
-                 for s, a in zip(samples[:5], answers[:5], strict=True)]
-        figures.update(exact_match_split=split, exact_match_examples=len(samples), exact_match_bundle=acc,
-                       generate_tokens_per_second=tps, examples=shown)
-        if cfg.reference_exact_match:
-            figures["exact_match_reference"] = reference_exact_match(ctx, samples, match, cfg.max_new_tokens)
     upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize")}
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     figures["bundle_bytes_before_manifest"] = total
@@ -204,10 +161,6 @@ def run(ctx: StageContext) -> None:
     line = (f"  {name}: {mb(total)}, decode {lat['decode_ms_per_token']:.2f} ms/token at {lat['context_tokens']} "
             f"tokens of context ({lat['measured_over_floor']:.2f}x the memory floor) and prefill "
             f"{lat['prompt_tokens']} tokens {lat['prefill_ms']:.0f} ms at {target.threads} threads")
-    if samples:
-        line += f"; exact match on {len(samples)} {split} prompts: bundle {100 * figures['exact_match_bundle']:.1f}%"
-        if "exact_match_reference" in figures:
-            line += f", (4-bit base + adapter) {100 * figures['exact_match_reference']:.1f}%"
     print(line)
     if target.max_bundle_mb is not None and total > target.max_bundle_mb * 1e6:
         raise EdgepeftError(f"[bundle] {name} is {mb(total)}, over target {target.name}'s budget of "

@@ -1,9 +1,9 @@
-"""The pipeline's stages in order: base model -> 4-bit -> adapter -> merged -> ONNX -> int4 -> bundle."""
+"""The pipeline's stages in order: base model -> 4-bit -> adapter -> merged -> ONNX -> int4 -> bundle -> gate."""
 
 from __future__ import annotations
 
 from edgepeft.pipeline import Stage
-from edgepeft.stages import bundle, export, load, merge, quantize, requantize, train
+from edgepeft.stages import bundle, evaluate, export, load, merge, quantize, requantize, train
 
 STAGES = [
     Stage("load", ("model",), (), load.run, load.outside_inputs,
@@ -15,9 +15,11 @@ STAGES = [
           description="merge the adapter into the dequantized base, check it against (4-bit base + adapter)"),
     Stage("export", ("export", "target"), ("merge",), export.run,
           description="export the merged model to fp32 ONNX with a KV cache, check it against PyTorch"),
-    Stage("requantize", ("requantize", "target"), ("export",), requantize.run,
-          description="quantize the ONNX weights for the target (block-wise int4/int8), measure the cost"),
+    Stage("requantize", ("requantize", "target", "evaluate"), ("export", "train"), requantize.run,
+          description="quantize the ONNX weights for the target on calibration data (GPTQ; int8 where needed)"),
     Stage("bundle", ("bundle", "target", "profile"), ("requantize", "export", "load", "quantize", "train"), bundle.run,
-          description="write the deployable bundle, profile its latency, measure its task accuracy, seal its manifest"),
+          description="write the deployable bundle, profile its latency, seal its manifest"),
+    Stage("evaluate", ("evaluate", "requantize"), ("bundle", "quantize", "train"), evaluate.run,
+          description="quality gate: the bundle vs (4-bit base + adapter) on held-out data, against the budgets"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

@@ -1,0 +1,127 @@
+"""Calibration and evaluation sets, and the rule that keeps them apart.
+
+Calibration (what ``requantize`` fits its scales and chooses its precision on):
+  * prose: the calibration part of a text, by default ``builtin:python-docs`` (the first 80% of Python's
+    help topics, see ``calib/text.py``), cut into token windows;
+  * the task: training examples of the recipe's data, rendered as the model sees them in training (chat
+    template and answer), packed into windows. The model was fitted to them already, so calibrating on
+    them reveals nothing new; they make the scales care about the task's own activations.
+
+Evaluation (what ``evaluate`` scores the bundle on):
+  * prose: the evaluation part of the held-out text (the last 20% of the help topics), every line of which
+    that also occurs in the calibration text or the training data is removed first (``disjoint_text``);
+  * the task: its test split (built-in tasks; their splits are disjoint by construction) or validation
+    examples, minus any whose prompt also occurs in the training data (``disjoint_samples``).
+
+So evaluation never sees a line or a prompt that calibration or training saw, even when a user points both
+at the same file: the overlap is dropped and counted, and an evaluation left empty is an error.
+"""
+
+from __future__ import annotations
+
+BUILTIN_TEXT = "builtin:python-docs"
+MIN_LINE = 20  # shorter lines ("Example:", "}") recur in any text; they are not evidence of overlap
+
+
+def text_part(spec: str, part: str, base_dir=None) -> str:
+    """The ``part`` ("calibration" or "evaluation") of a text: the built-in split of Python's help topics, or a
+    user's text file or JSONL (edgepeft's data shapes) taken whole (its separation from the other part is then
+    enforced by ``disjoint_text``)."""
+    from edgepeft.calib.text import python_docs
+
+    if spec == BUILTIN_TEXT:
+        return python_docs(part)
+    from edgepeft.data import resolve_path
+    from edgepeft.errors import EdgepeftError
+
+    path = resolve_path(spec, base_dir)
+    if not path.is_file():
+        raise EdgepeftError(f"{part} text not found: {spec}")
+    if path.suffix == ".jsonl":  # the data shapes of edgepeft.data: each example's text, one after another
+        from edgepeft.data import read_jsonl
+
+        return "\n\n".join(sample_text(s) for s in read_jsonl(path))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise EdgepeftError(f"{part} text {spec} is empty")
+    return text
+
+
+def _key(line: str) -> str:
+    return " ".join(line.split()).lower()
+
+
+def line_keys(texts) -> set[str]:
+    return {_key(ln) for t in texts for ln in t.splitlines() if len(_key(ln)) >= MIN_LINE}
+
+
+def disjoint_text(text: str, seen: set[str]) -> tuple[str, int]:
+    """``text`` without the lines whose normalized form is in ``seen``; and how many were dropped."""
+    kept, dropped = [], 0
+    for ln in text.splitlines():
+        if len(_key(ln)) >= MIN_LINE and _key(ln) in seen:
+            dropped += 1
+        else:
+            kept.append(ln)
+    return "\n".join(kept), dropped
+
+
+def sample_text(sample) -> str:
+    """Everything a training sample shows the model, as text (for overlap checks)."""
+    if sample.messages:
+        return "\n".join(c for _, c in sample.messages)
+    if sample.prompt is not None:
+        return f"{sample.prompt}\n{sample.completion}"
+    return sample.text or ""
+
+
+def prompt_key(sample) -> str:
+    if sample.messages:
+        return _key("\n".join(c for r, c in sample.messages if r == "user"))
+    return _key(sample.prompt if sample.prompt is not None else sample.text or "")
+
+
+def disjoint_samples(samples, train) -> tuple[list, int]:
+    """The evaluation samples whose prompt no training sample has; and how many were dropped."""
+    seen = {prompt_key(s) for s in train}
+    kept = [s for s in samples if prompt_key(s) not in seen]
+    return kept, len(samples) - len(kept)
+
+
+def task_windows(tokenizer, samples, windows: int, length: int) -> list[list[int]]:
+    """Training samples encoded as in training, concatenated and cut into ``windows`` windows of ``length``."""
+    from edgepeft.data import encode
+
+    ids: list[int] = []
+    for s in samples:
+        if len(ids) >= windows * length:
+            break
+        ids += encode(tokenizer, s, length)[0]
+    return [ids[i * length:(i + 1) * length] for i in range(min(windows, len(ids) // length))]
+
+
+def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: int, length: int,
+                        text: str = BUILTIN_TEXT) -> tuple[list[list[int]], dict]:
+    """The calibration windows of a recipe: prose, then the task's training examples; plus a description."""
+    from edgepeft.calib.text import token_windows
+
+    from edgepeft.data import load_splits
+
+    prose = token_windows(tokenizer, text_part(text, "calibration", recipe.base_dir), prose_windows, length,
+                          spread=True)
+    t = recipe.train
+    train = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"]
+    task = task_windows(tokenizer, train, task_windows_, length) if task_windows_ else []
+    return prose + task, {"text": text, "prose_windows": len(prose), "task_windows": len(task),
+                          "window_tokens": length}
+
+
+def evaluation_text(recipe, text: str, calib_text: str) -> tuple[str, dict]:
+    """The held-out prose for evaluation, with every line seen in calibration or training removed."""
+    from edgepeft.data import load_splits
+
+    t = recipe.train
+    train = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"]
+    seen = line_keys([text_part(calib_text, "calibration", recipe.base_dir)] + [sample_text(s) for s in train])
+    held, dropped = disjoint_text(text_part(text, "evaluation", recipe.base_dir), seen)
+    return held, {"text": text, "lines_dropped_as_seen_in_calibration_or_training": dropped}

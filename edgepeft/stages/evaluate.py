@@ -1,0 +1,290 @@
+"""Stage ``evaluate`` (and ``edgepeft evaluate BUNDLE``): the quality gate. Never ship a bundle that lost
+the fine-tune.
+
+The bundle is measured as shipped (its model file in ONNX Runtime, its answers through onnxruntime-genai)
+against the model the user actually trained, (4-bit base + adapter) in PyTorch:
+
+* on held-out prose (``text``: by default the evaluation part of Python's help topics, or any text file or
+  JSONL): perplexity of both, KL divergence and next-token agreement with the reference;
+* on the task's test split (or validation examples): exact match of greedy answers, bundle and reference.
+
+The budgets (this table of the recipe; ``inf`` disables one) are checked; a broken budget fails the run
+with a table of what broke and by how much. The figures, the budgets and the verdict are written into the
+bundle either way (``quality/report.md``, ``quality/quality.json``, ``manifest["quality"]``, re-sealed), so
+a failed bundle says why it failed.
+
+Evaluation data never overlaps calibration or training data: see ``calib/sets.py`` (``evaluation_text``
+drops every line that calibration or training saw; ``disjoint_samples`` drops test prompts seen in
+training). The figures record how much was dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepeft.errors import EdgepeftError
+from edgepeft.pipeline import StageContext
+from edgepeft.quality import Budgets
+
+FOLDER = "quality"
+
+
+@dataclass
+class EvaluateConfig:
+    text: str = "builtin:python-docs"  # held-out prose (its evaluation part), a text file, or JSONL
+    windows: int = 8
+    window_tokens: int = 256
+    test_examples: int = 128  # task prompts answered (0: skip); built-in tasks use their test split
+    max_new_tokens: int = 48
+    # Budgets against (4-bit base + adapter); `inf` (or 0 for the minimum) switches one off.
+    max_perplexity_increase: float = 0.15  # 0.15: perplexity at most 15% above the reference's
+    max_kl: float = 0.25  # mean KL(reference || bundle) per token, nats
+    min_next_token_agreement: float = 0.75
+    max_accuracy_drop: float = 0.05  # exact match, in absolute terms: 0.05 = 5 points below the reference
+
+    def check(self) -> str | None:
+        if self.windows <= 0 or self.window_tokens <= 1 or self.test_examples < 0 or self.max_new_tokens <= 0:
+            return "windows, window_tokens, max_new_tokens must be positive and test_examples not negative"
+        return self.budgets().problems()
+
+    def budgets(self) -> Budgets:
+        def on(v):
+            return None if math.isinf(v) else v
+
+        return Budgets(on(self.max_perplexity_increase), on(self.max_kl),
+                       self.min_next_token_agreement or None, on(self.max_accuracy_drop))
+
+
+@dataclass
+class Reference:
+    """Where the (4-bit base + adapter) model lives: the quantize and train stages of a run."""
+
+    base: Path
+    adapter: Path
+
+    @classmethod
+    def of_run(cls, run_dir: Path) -> Reference:
+        base, adapter = Path(run_dir) / "quantize" / "model", Path(run_dir) / "train" / "adapter"
+        if not (base / "config.json").is_file() or not (adapter / "adapter_config.json").is_file():
+            raise EdgepeftError(f"{run_dir}: no trained reference there (needs quantize/model and train/adapter; "
+                                "pass the run folder the bundle was made in with --run)")
+        return cls(base, adapter)
+
+    def load(self):
+        import torch
+        from peft import PeftModel
+
+        from edgepeft.runtime import load_4bit
+
+        return PeftModel.from_pretrained(load_4bit(self.base, torch.device("cpu")), self.adapter).eval()
+
+
+def recipe_of(bundle: Path):
+    """The recipe a bundle was made with, from its manifest (keys this edgepeft does not know are left out)."""
+    import dataclasses
+
+    from edgepeft.bundle import read_manifest
+    from edgepeft.config import from_table
+    from edgepeft.recipe import SECTIONS, Recipe
+    from edgepeft.target import from_manifest
+
+    manifest = read_manifest(bundle)
+    rec = manifest.get("recipe", {})
+    sections = {}
+    for key, cls in SECTIONS.items():
+        known = {f.name for f in dataclasses.fields(cls)}
+        table = {k: v for k, v in (rec.get(key) or {}).items() if k in known}
+        sections[key] = from_table(cls, table, f"{bundle}/manifest.json [recipe.{key}]")
+    path = Path(rec["path"]) if rec.get("path") else None
+    return Recipe(name=rec.get("name", "bundle"), path=path,
+                  target=from_manifest(manifest["target"], f"{bundle}/manifest.json [target]"), **sections)
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """The hash the bundle's manifest records for its adapter (over the files the train stage wrote)."""
+    import hashlib
+
+    from edgepeft.pipeline import file_table
+
+    h = hashlib.sha256()
+    for rel, entry in sorted(file_table(adapter_dir).items()):
+        h.update(f"adapter/{rel}\0{entry['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def heldout(recipe, cfg: EvaluateConfig, tokenizer) -> tuple[list[list[int]], dict]:
+    from edgepeft.calib.sets import evaluation_text
+    from edgepeft.calib.text import token_windows
+
+    text, about = evaluation_text(recipe, cfg.text, recipe.requantize.calib_text)
+    windows = token_windows(tokenizer, text, cfg.windows, cfg.window_tokens, spread=True)
+    if not windows:
+        raise EdgepeftError(f"[evaluate] text {cfg.text!r} has no window of {cfg.window_tokens} tokens left once "
+                            f"the lines seen in calibration or training are removed "
+                            f"({about['lines_dropped_as_seen_in_calibration_or_training']} dropped)")
+    return windows, {**about, "windows": len(windows), "window_tokens": cfg.window_tokens}
+
+
+def test_prompts(recipe, cfg: EvaluateConfig):
+    from edgepeft.calib.sets import disjoint_samples
+    from edgepeft.data import load_splits
+
+    if not cfg.test_examples:
+        return [], None, 0
+    t = recipe.train
+    splits = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)
+    split = "test" if "test" in splits else "validation"
+    samples = [s for s in splits[split] if s.reference is not None]
+    samples, dropped = disjoint_samples(samples, splits["train"])
+    return samples[:cfg.test_examples], split, dropped
+
+
+def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference: Reference) -> dict:
+    """Every quality figure of the bundle against the reference (no verdict)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgepeft.bundle import Runner
+    from edgepeft.metrics import exact_match
+    from edgepeft.onnx_model import Decoder
+    from edgepeft.quality import score
+    from edgepeft.runtime import progress
+    from edgepeft.stages.bundle import bundle_exact_match
+    from edgepeft.stages.train import matcher
+    from edgepeft.target import from_manifest
+
+    target = from_manifest(manifest["target"], f"{bundle}/manifest.json [target]")
+    tokenizer = AutoTokenizer.from_pretrained(reference.adapter)
+    windows, about = heldout(recipe, cfg, tokenizer)
+    ref_model = reference.load()
+    with torch.no_grad(), progress(len(windows), "held-out text (4-bit base + adapter)", "window") as bar:
+        ref_logits = []
+        for w in windows:
+            ref_logits.append(ref_model(input_ids=torch.tensor([w])).logits[0].float().numpy())
+            bar.update(1)
+    dec = Decoder(bundle / manifest["model_file"], target.threads, bundle / "genai_config.json")
+    with progress(len(windows), "held-out text (bundle)", "window") as bar:
+        logits = []
+        for w in windows:
+            logits.append(dec.prefill(w)[0])
+            bar.update(1)
+    del dec
+    figures = {"reference": "4-bit base + adapter (PyTorch)", "held_out_text": about,
+               **score(ref_logits, logits, windows)}
+    samples, split, dropped = test_prompts(recipe, cfg)
+    if samples:
+        match = matcher(recipe.train.data)
+        runner = Runner(bundle, manifest)
+        acc, answers, tps = bundle_exact_match(runner, samples, match, cfg.max_new_tokens)
+        del runner
+        with progress(len(samples), "exact match (4-bit base + adapter)", "example") as bar:
+            ref_acc, ref_answers = exact_match(ref_model, tokenizer, samples, match=match,
+                                               max_new_tokens=cfg.max_new_tokens, progress=bar.update)
+        shown = [{"prompt": s.messages[-2][1] if s.messages else s.prompt, "bundle": a, "reference_model": r,
+                  "expected": s.reference}
+                 for s, a, r in zip(samples, answers, ref_answers, strict=True) if a.strip() != r.strip()][:8]
+        figures.update(task_split=split, task_examples=len(samples), task_examples_dropped_as_seen_in_training=dropped,
+                       exact_match_bundle=acc, exact_match_reference=ref_acc, accuracy_drop=ref_acc - acc,
+                       generate_tokens_per_second=tps, answers_that_differ=shown)
+    return figures
+
+
+def report(name: str, result: dict) -> str:
+    f, rows = result["figures"], result["rows"]
+    lines = [f"# Quality gate: {name}", "", f"**{'PASSED' if result['passed'] else 'FAILED'}**: the bundle "
+             "(ONNX Runtime) against the model that was trained, (4-bit base + adapter) in PyTorch.", "",
+             "| budget | measured | allowed | result |", "|---|---|---|---|"]
+    for r in rows:
+        pct = r["budget"] != "max_kl"
+        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+        lines.append(f"| {r['budget']} | {fmt(r['measured'])} | {fmt(r['allowed'])} | "
+                     f"{'pass' if r['passed'] else 'FAIL by ' + fmt(r['by'])} |")
+    h = f["held_out_text"]
+    lines += ["", "## Held-out text", "",
+              f"{f['tokens']} tokens of `{h['text']}` ({h['windows']} windows of {h['window_tokens']}); "
+              f"{h['lines_dropped_as_seen_in_calibration_or_training']} lines dropped because calibration or "
+              "training saw them.", "",
+              f"- perplexity: reference {f['perplexity_reference']:.3f}, bundle {f['perplexity']:.3f} "
+              f"({100 * f['perplexity_increase']:+.1f}%)",
+              f"- KL(reference || bundle): {f['kl']:.4f} nats/token",
+              f"- next-token agreement: {100 * f['next_token_agreement']:.1f}%"]
+    if "exact_match_bundle" in f:
+        lines += ["", "## Task", "",
+                  f"Exact match on {f['task_examples']} {f['task_split']} prompts "
+                  f"({f['task_examples_dropped_as_seen_in_training']} dropped because training saw them): "
+                  f"reference {100 * f['exact_match_reference']:.1f}%, bundle {100 * f['exact_match_bundle']:.1f}% "
+                  f"({-100 * f['accuracy_drop']:+.1f} points)."]
+        if f["answers_that_differ"]:
+            lines += ["", "| prompt | bundle | reference model | expected |", "|---|---|---|---|"]
+            for a in f["answers_that_differ"]:
+                cells = [str(a[k]).replace("|", "\\|").replace("\n", " ") for k in
+                         ("prompt", "bundle", "reference_model", "expected")]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_bundle(bundle: Path, recipe, cfg: EvaluateConfig, reference: Reference, echo=print) -> dict:
+    """Measure, judge, write the verdict into the bundle and re-seal it; returns the result (no raise)."""
+    from edgepeft.bundle import check_files, read_manifest, write_manifest
+    from edgepeft.pipeline import replace_dir, write_atomic
+    from edgepeft.quality import passed, table, verdict
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    problems = check_files(bundle, manifest)
+    if problems:  # never re-seal a bundle that does not match its manifest
+        raise EdgepeftError(f"{bundle}: does not match its manifest ({problems[0]}); run `edgepeft verify {bundle}`")
+    if manifest.get("adapter_sha256") and adapter_sha256(reference.adapter) != manifest["adapter_sha256"]:
+        raise EdgepeftError(f"{reference.adapter}: not the adapter this bundle was made from (its hash differs "
+                            "from the manifest's adapter_sha256)")
+    from edgepeft.config import as_dict
+
+    figures = measure(bundle, manifest, recipe, cfg, reference)
+    rows = verdict(figures, cfg.budgets())
+    result = {"format": "edgepeft-quality/1", "passed": passed(rows), "rows": rows, "figures": figures,
+              "budgets": as_dict(cfg.budgets()), "settings": as_dict(cfg),
+              "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = bundle / f".{FOLDER}.tmp"
+    tmp.mkdir(exist_ok=True)
+    write_atomic(tmp / "quality.json", json.dumps(result, indent=2, default=str) + "\n")
+    (tmp / "report.md").write_text(report(manifest["name"], result))
+    replace_dir(tmp, bundle / FOLDER)
+    body = {k: v for k, v in manifest.items() if k not in ("files", "format", "manifest_sha256")}
+    body["quality"] = {"passed": result["passed"], "report": f"{FOLDER}/report.md", "rows": rows,
+                       **{k: figures[k] for k in ("perplexity_reference", "perplexity", "perplexity_increase", "kl",
+                                                  "next_token_agreement", "exact_match_bundle",
+                                                  "exact_match_reference", "accuracy_drop") if k in figures}}
+    write_manifest(bundle, body)
+    em = (f"; exact match {100 * figures['exact_match_bundle']:.1f}% vs {100 * figures['exact_match_reference']:.1f}%"
+          f" on {figures['task_examples']} {figures['task_split']} prompts" if "exact_match_bundle" in figures else "")
+    echo(f"  vs (4-bit base + adapter) on {figures['tokens']} held-out tokens: perplexity "
+         f"{figures['perplexity_reference']:.2f} -> {figures['perplexity']:.2f} "
+         f"({100 * figures['perplexity_increase']:+.1f}%), KL {figures['kl']:.3f}, agreement "
+         f"{100 * figures['next_token_agreement']:.1f}%{em}")
+    echo(table(rows))
+    return result
+
+
+def failure(name: str, result: dict) -> str:
+    from edgepeft.quality import table
+
+    broken = [r for r in result["rows"] if not r["passed"]]
+    return (f"[evaluate] {name} broke {len(broken)} quality budget(s) against (4-bit base + adapter):\n"
+            f"{table(result['rows'])}\n(the figures are in the bundle's quality/report.md; loosen the budgets "
+            "in the recipe's [evaluate] table, or keep more precision: [requantize] method, the target's "
+            "block_size/bits)")
+
+
+def run(ctx: StageContext) -> None:
+    from edgepeft.stages.bundle import bundle_dir
+
+    bundle = bundle_dir(ctx.run_dir, ctx.recipe)
+    result = evaluate_bundle(bundle, ctx.recipe, ctx.config, Reference.of_run(ctx.run_dir))
+    ctx.figures.update(passed=result["passed"], rows=result["rows"], **{
+        k: v for k, v in result["figures"].items() if k != "answers_that_differ"})
+    if not result["passed"]:
+        raise EdgepeftError(failure(ctx.recipe.name, result))
