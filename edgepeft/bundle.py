@@ -41,6 +41,33 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     write_atomic(folder / MANIFEST, seal({**manifest, "format": FORMAT, "files": files}))
 
 
+def adapter_sha256(adapter_dir: Path) -> str:
+    """The adapter's hash a manifest records: over its files' names and sha256s, so the run folder a bundle
+    was made in can be matched to it."""
+    from edgepeft.pipeline import file_table
+
+    h = hashlib.sha256()
+    for rel, entry in sorted(file_table(adapter_dir).items()):
+        h.update(f"adapter/{rel}\0{entry['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def open_for_update(folder: Path) -> dict:
+    """The manifest of a bundle about to gain files; refuses a bundle that does not match its manifest, since
+    re-sealing it would bless whatever changed."""
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest)
+    if problems:
+        raise EdgepeftError(f"{folder}: does not match its manifest ({problems[0]}); run `edgepeft verify {folder}`")
+    return manifest
+
+
+def reseal(folder: Path, manifest: dict, **entries) -> None:
+    """Re-hash the bundle's files and seal ``manifest`` with ``entries`` set (after files were added)."""
+    body = {k: v for k, v in manifest.items() if k not in ("files", "format", "manifest_sha256")}
+    write_manifest(folder, {**body, **entries})
+
+
 def _safe(folder: Path, rel: str) -> Path:
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel:

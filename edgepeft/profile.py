@@ -408,15 +408,12 @@ def variant_of(path: Path, label: str | None = None) -> Variant:
 def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: str | None = None,
                    compare: list[Path] = (), json_out: Path | None = None, write: bool = True) -> dict:
     from edgepeft import target as target_mod
-    from edgepeft.bundle import check_files, read_manifest, write_manifest
+    from edgepeft.bundle import open_for_update, reseal
     from edgepeft.config import from_table
     from edgepeft.pipeline import replace_dir, write_atomic
 
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    problems = check_files(bundle, manifest)
-    if problems:  # never re-seal a bundle that does not match its manifest
-        raise EdgepeftError(f"{bundle}: does not match its manifest ({problems[0]}); run `edgepeft verify {bundle}`")
+    manifest = open_for_update(bundle)
     if target_spec:
         target = target_mod.load(target_spec)
     else:
@@ -437,8 +434,6 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
         tmp = bundle / f".{folder}.tmp"
         ref = write_report(result, tmp, manifest["name"], folder)
         replace_dir(tmp, bundle / folder)
-        body = {k: v for k, v in manifest.items() if k not in ("files", "format", "manifest_sha256")}
-        body["profiles"] = {**manifest.get("profiles", {}), folder: ref}
-        write_manifest(bundle, body)
+        reseal(bundle, manifest, profiles={**manifest.get("profiles", {}), folder: ref})
         result["written_to"] = str(bundle / folder)
     return result

@@ -95,15 +95,16 @@ def passed(rows: list[dict]) -> bool:
     return all(r["passed"] for r in rows)
 
 
-def _fmt(key: str, v: float) -> str:
-    return f"{100 * v:.1f}%" if key != "max_kl" else f"{v:.3f}"
+def fmt_value(budget: str, v: float) -> str:
+    """A budget's figure as the tables show it: KL in nats, the others in percent."""
+    return f"{100 * v:.1f}%" if budget != "max_kl" else f"{v:.3f}"
 
 
 def table(rows: list[dict]) -> str:
     """A plain-text table of the budgets: measured, allowed, pass/FAIL and by how much."""
     lines = [f"  {'budget':<26} {'measured':>9} {'allowed':>9}  result"]
     for r in rows:
-        how = "pass" if r["passed"] else f"FAIL by {_fmt(r['budget'], r['by'])}"
-        lines.append(f"  {r['budget']:<26} {_fmt(r['budget'], r['measured']):>9} "
-                     f"{_fmt(r['budget'], r['allowed']):>9}  {how}")
+        how = "pass" if r["passed"] else f"FAIL by {fmt_value(r['budget'], r['by'])}"
+        lines.append(f"  {r['budget']:<26} {fmt_value(r['budget'], r['measured']):>9} "
+                     f"{fmt_value(r['budget'], r['allowed']):>9}  {how}")
     return "\n".join(lines)

@@ -25,7 +25,9 @@ def test_default_recipe_short_run(tmp_path):
                           "train": {"steps": 12, "eval_examples": 8, "warmup_steps": 2},
                           "merge": {"eval_windows": 2}}, "short recipe")
     out = tmp_path / "run"
-    recs = run_stages(STAGES, r, out, echo=print)
+    # through the bundle; not the quality gate, which a 12-step adapter may rightly fail (the default recipe's
+    # full run passes it: `nox -s latency-check` in CI runs it)
+    recs = run_stages(STAGES, r, out, last="bundle", echo=print)
     f = recs["train"]["figures"]
     losses = f["losses"]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses  # the loss falls

@@ -68,34 +68,8 @@ def system_prompt(samples) -> str | None:
     return firsts.pop() if len(firsts) == 1 else None
 
 
-def adapter_hash(ctx: StageContext) -> str:
-    import hashlib
-
-    files = ctx.record_of("train")["files"]
-    h = hashlib.sha256()
-    for rel in sorted(f for f in files if f.startswith("adapter/")):
-        h.update(f"{rel}\0{files[rel]['sha256']}\n".encode())
-    return h.hexdigest()
-
-
-def bundle_exact_match(runner, samples, match, max_new_tokens: int) -> tuple[float, list[str], float]:
-    from edgepeft.runtime import progress
-
-    hits, answers, tokens, seconds = 0, [], 0, 0.0
-    with progress(len(samples), "exact match (bundle)", "example") as bar:
-        for s in samples:
-            ids = runner.prompt_ids(messages=list(s.messages[:-1])) if s.messages else runner.prompt_ids(text=s.prompt)
-            a = runner.generate(ids, max_new_tokens)
-            answers.append(a.text)
-            hits += match(a.text, s.reference)
-            tokens += a.tokens
-            seconds += a.seconds
-            bar.update(1)
-    return hits / len(samples), answers, tokens / seconds if seconds else float("nan")
-
-
 def run(ctx: StageContext) -> None:
-    from edgepeft.bundle import write_manifest
+    from edgepeft.bundle import adapter_sha256, write_manifest
     from edgepeft.config import as_dict
     from edgepeft.data import load_splits
     from edgepeft.profile import Variant, headline, measure, write_report
@@ -137,7 +111,7 @@ def run(ctx: StageContext) -> None:
                                                                "export", "requantize", "bundle", "profile",
                                                                "evaluate")}},
         "base_model_sha256": ctx.record_of("load")["outside"]["model_files"],
-        "adapter_sha256": adapter_hash(ctx),
+        "adapter_sha256": adapter_sha256(ctx.input("train") / "adapter"),
         "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
     }
 

@@ -104,18 +104,6 @@ def recipe_of(bundle: Path):
                   target=from_manifest(manifest["target"], f"{bundle}/manifest.json [target]"), **sections)
 
 
-def adapter_sha256(adapter_dir: Path) -> str:
-    """The hash the bundle's manifest records for its adapter (over the files the train stage wrote)."""
-    import hashlib
-
-    from edgepeft.pipeline import file_table
-
-    h = hashlib.sha256()
-    for rel, entry in sorted(file_table(adapter_dir).items()):
-        h.update(f"adapter/{rel}\0{entry['sha256']}\n".encode())
-    return h.hexdigest()
-
-
 def heldout(recipe, cfg: EvaluateConfig, tokenizer) -> tuple[list[list[int]], dict]:
     from edgepeft.calib.sets import evaluation_text
     from edgepeft.calib.text import token_windows
@@ -143,6 +131,22 @@ def test_prompts(recipe, cfg: EvaluateConfig):
     return samples[:cfg.test_examples], split, dropped
 
 
+def bundle_exact_match(runner, samples, match, max_new_tokens: int) -> tuple[float, list[str], float]:
+    from edgepeft.runtime import progress
+
+    hits, answers, tokens, seconds = 0, [], 0, 0.0
+    with progress(len(samples), "exact match (bundle)", "example") as bar:
+        for s in samples:
+            ids = runner.prompt_ids(messages=list(s.messages[:-1])) if s.messages else runner.prompt_ids(text=s.prompt)
+            a = runner.generate(ids, max_new_tokens)
+            answers.append(a.text)
+            hits += match(a.text, s.reference)
+            tokens += a.tokens
+            seconds += a.seconds
+            bar.update(1)
+    return hits / len(samples), answers, tokens / seconds if seconds else float("nan")
+
+
 def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference: Reference) -> dict:
     """Every quality figure of the bundle against the reference (no verdict)."""
     import torch
@@ -153,7 +157,6 @@ def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference
     from edgepeft.onnx_model import Decoder
     from edgepeft.quality import score
     from edgepeft.runtime import progress
-    from edgepeft.stages.bundle import bundle_exact_match
     from edgepeft.stages.train import matcher
     from edgepeft.target import from_manifest
 
@@ -194,15 +197,16 @@ def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference
 
 
 def report(name: str, result: dict) -> str:
+    from edgepeft.quality import fmt_value
+
     f, rows = result["figures"], result["rows"]
     lines = [f"# Quality gate: {name}", "", f"**{'PASSED' if result['passed'] else 'FAILED'}**: the bundle "
              "(ONNX Runtime) against the model that was trained, (4-bit base + adapter) in PyTorch.", "",
              "| budget | measured | allowed | result |", "|---|---|---|---|"]
     for r in rows:
-        pct = r["budget"] != "max_kl"
-        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
-        lines.append(f"| {r['budget']} | {fmt(r['measured'])} | {fmt(r['allowed'])} | "
-                     f"{'pass' if r['passed'] else 'FAIL by ' + fmt(r['by'])} |")
+        b = r["budget"]
+        lines.append(f"| {b} | {fmt_value(b, r['measured'])} | {fmt_value(b, r['allowed'])} | "
+                     f"{'pass' if r['passed'] else 'FAIL by ' + fmt_value(b, r['by'])} |")
     h = f["held_out_text"]
     lines += ["", "## Held-out text", "",
               f"{f['tokens']} tokens of `{h['text']}` ({h['windows']} windows of {h['window_tokens']}); "
@@ -229,15 +233,12 @@ def report(name: str, result: dict) -> str:
 
 def evaluate_bundle(bundle: Path, recipe, cfg: EvaluateConfig, reference: Reference, echo=print) -> dict:
     """Measure, judge, write the verdict into the bundle and re-seal it; returns the result (no raise)."""
-    from edgepeft.bundle import check_files, read_manifest, write_manifest
+    from edgepeft.bundle import adapter_sha256, open_for_update, reseal
     from edgepeft.pipeline import replace_dir, write_atomic
     from edgepeft.quality import passed, table, verdict
 
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    problems = check_files(bundle, manifest)
-    if problems:  # never re-seal a bundle that does not match its manifest
-        raise EdgepeftError(f"{bundle}: does not match its manifest ({problems[0]}); run `edgepeft verify {bundle}`")
+    manifest = open_for_update(bundle)
     if manifest.get("adapter_sha256") and adapter_sha256(reference.adapter) != manifest["adapter_sha256"]:
         raise EdgepeftError(f"{reference.adapter}: not the adapter this bundle was made from (its hash differs "
                             "from the manifest's adapter_sha256)")
@@ -253,12 +254,11 @@ def evaluate_bundle(bundle: Path, recipe, cfg: EvaluateConfig, reference: Refere
     write_atomic(tmp / "quality.json", json.dumps(result, indent=2, default=str) + "\n")
     (tmp / "report.md").write_text(report(manifest["name"], result))
     replace_dir(tmp, bundle / FOLDER)
-    body = {k: v for k, v in manifest.items() if k not in ("files", "format", "manifest_sha256")}
-    body["quality"] = {"passed": result["passed"], "report": f"{FOLDER}/report.md", "rows": rows,
-                       **{k: figures[k] for k in ("perplexity_reference", "perplexity", "perplexity_increase", "kl",
-                                                  "next_token_agreement", "exact_match_bundle",
-                                                  "exact_match_reference", "accuracy_drop") if k in figures}}
-    write_manifest(bundle, body)
+    reseal(bundle, manifest, quality={
+        "passed": result["passed"], "report": f"{FOLDER}/report.md", "rows": rows,
+        **{k: figures[k] for k in ("perplexity_reference", "perplexity", "perplexity_increase", "kl",
+                                   "next_token_agreement", "exact_match_bundle", "exact_match_reference",
+                                   "accuracy_drop") if k in figures}})
     em = (f"; exact match {100 * figures['exact_match_bundle']:.1f}% vs {100 * figures['exact_match_reference']:.1f}%"
           f" on {figures['task_examples']} {figures['task_split']} prompts" if "exact_match_bundle" in figures else "")
     echo(f"  vs (4-bit base + adapter) on {figures['tokens']} held-out tokens: perplexity "
