@@ -66,11 +66,15 @@ class Decoder:
         self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def _run(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int):
+    def run_all(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int) -> dict[str, np.ndarray]:
+        """Every output of the graph by name, for ``ids`` after ``cache`` (None: an empty cache)."""
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}
         for name in self.past:
             feeds[name] = cache[name] if cache else np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
-        out = dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
+        return dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
+
+    def _run(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int):
+        out = self.run_all(ids, cache, total)
         nxt = {name: out[name.replace("past_key_values.", "present.")] for name in self.past}
         return out["logits"][0], nxt
 

@@ -74,10 +74,6 @@ class Quantized:
             self._tensors = cached = (base, made)
         return cached[1]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.packed() if a is not None)
-
 
 def _ranges(blocks: np.ndarray, bits: int, symmetric: bool, shrink: float):
     """Scale and zero point per block for a range shrunk by ``shrink``; blocks [..., block]."""
@@ -189,22 +185,20 @@ def input_statistics(model, windows: list[list[int]], decoder_factory, full: boo
     {input tensor name: (matrix or vector, tokens)}. ``decoder_factory(model_bytes)`` builds a Decoder."""
     import onnx
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    names = sorted({n.input[0] for n in weight_matmuls(m)})
-    existing = {o.name for o in m.graph.output}
-    for name in names:
-        if name not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    decoder = decoder_factory(m.SerializeToString())
-    del m
+    names = sorted({n.input[0] for n in weight_matmuls(model)})
+    outputs = model.graph.output
+    before = len(outputs)
+    existing = {o.name for o in outputs}
+    outputs.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                   for n in names if n not in existing)
+    try:  # the inputs as extra outputs, in the serialized copy only (no copy of the weights in memory)
+        decoder = decoder_factory(model.SerializeToString())
+    finally:
+        del outputs[before:]
     sums: dict[str, np.ndarray] = {}
     tokens = 0
     for w in windows:
-        feeds = {"input_ids": np.asarray([w], np.int64), "attention_mask": np.ones((1, len(w)), np.int64)}
-        for p in decoder.past:
-            feeds[p] = np.zeros((1, decoder.kv_heads, 0, decoder.head_size), np.float32)
-        outs = dict(zip(decoder.outputs, decoder.session.run(None, feeds), strict=True))
+        outs = decoder.run_all(np.asarray([w], np.int64), None, len(w))
         for name in names:
             x = outs[name].reshape(-1, outs[name].shape[-1]).astype(np.float64)
             s = x.T @ x if full else (x * x).sum(0)

@@ -130,11 +130,12 @@ class Candidates:
         from edgepeft import quant
         from edgepeft.quant import weight_matmuls
 
-        self.fp32, self.target, self.method, self.stats, self.damp = fp32_model, target, method, stats, damp
+        self.target, self.method, self.stats, self.damp = target, method, stats, damp
         inits = {i.name: i for i in fp32_model.graph.initializer}
-        self.nodes = [n.name for n in weight_matmuls(fp32_model)]
-        self.inputs = {n.name: n.input[0] for n in weight_matmuls(fp32_model)}
-        self.weights = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in weight_matmuls(fp32_model)}
+        matmuls = weight_matmuls(fp32_model)
+        self.nodes = [n.name for n in matmuls]
+        self.inputs = {n.name: n.input[0] for n in matmuls}
+        self.weights = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in matmuls}
         bad = sorted({w.shape[0] for w in self.weights.values() if w.shape[0] % target.block_size})
         if bad:
             raise EdgepeftError(f"[requantize] block_size {target.block_size} must divide every MatMul's input "
@@ -145,7 +146,7 @@ class Candidates:
         # the graph without the weights every build replaces (a build copies this, not 0.5 GB of fp32)
         self.skeleton = onnx.ModelProto()
         self.skeleton.CopyFrom(fp32_model)
-        replaced = {n.input[1] for n in weight_matmuls(fp32_model)}
+        replaced = {n.input[1] for n in matmuls}
         other_uses = {i for n in fp32_model.graph.node if n.op_type != "MatMul" for i in n.input}
         quant.keep_initializers(self.skeleton, lambda name: name not in replaced - other_uses)
 
