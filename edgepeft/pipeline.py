@@ -8,6 +8,12 @@ did not change and redoes everything downstream of a change.
 
 A stage writes into ``<run>/.S.tmp`` and is renamed to ``<run>/S`` only when it finished: a failure or an
 interrupt never leaves a half-written stage that a later run would take as done.
+
+Runs share work: a ``shared`` stage (one whose artifacts do not depend on the recipe's name or target
+beyond what its fingerprint covers) that finished with the same fingerprint in a sibling run folder
+(``dist/android/train`` for ``dist/ios``) is taken from there as hard links, so ``export-ios`` after
+``export-android`` trains nothing again. Stages never change their artifacts after finishing, so a link is
+as good as a copy (ONNX external data is copied: onnx will not read it through a hard link).
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ class Stage:
     # Run by every process under a distributed launcher (accelerate launch / torchrun). Other stages run on
     # the main process only, while the rest wait.
     distributed: bool = False
+    # May be taken from a sibling run folder where it finished with the same fingerprint (see the module doc).
+    shared: bool = False
 
 
 def read_record(stage_dir: Path) -> dict:
@@ -119,6 +127,37 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def finished_elsewhere(run_dir: Path, stage: str, fp: str) -> Path | None:
+    """A sibling run's folder of ``stage`` that finished with fingerprint ``fp`` and still has its files."""
+    for rec in sorted(run_dir.parent.glob(f"*/{stage}/{RECORD}")):
+        other = rec.parent
+        if other.parent == run_dir:
+            continue
+        try:
+            record = read_record(other)
+        except (OSError, ValueError):
+            continue
+        if record.get("fingerprint") == fp and all(
+                (other / f).is_file() and (other / f).stat().st_size == e["bytes"]
+                for f, e in record.get("files", {}).items()):
+            return other
+    return None
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a tree of hard links to ``src``'s files; copies where the file system cannot link, and for
+    ONNX external data, which onnx refuses to read through a file with several links (its guard against
+    hard-link attacks)."""
+    def link(a, b):
+        if str(a).endswith(".data"):
+            return shutil.copy2(a, b)
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
 
 
 def _distributed_state():
@@ -173,6 +212,19 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
         if not force and (final / RECORD).is_file() and read_record(final).get("fingerprint") == fp:
             echo(f"[{stage.name}] unchanged since its last run, skipped ({final})")
             records[stage.name] = read_record(final)
+            continue
+        other = finished_elsewhere(run_dir, stage.name, fp) if stage.shared and not force else None
+        if other is not None:
+            if main:
+                tmp = run_dir / f".{stage.name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                link_tree(other, tmp)
+                record = {**read_record(tmp), "reused_from": str(other)}
+                (tmp / RECORD).unlink()  # a link to the other run's record: replaced, not written through
+                (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+                replace_dir(tmp, final)
+                records[stage.name] = record
+                echo(f"[{stage.name}] same inputs as {other}: reused (hard links)")
             continue
         if not main and not stage.distributed:
             continue  # the main process runs it; the next barrier waits for it

@@ -2,6 +2,10 @@
 
 Each table configures one stage (``[train]`` and ``[adapter]`` both feed the train stage). Every key has a
 default, so a recipe says only what differs; an unknown table or key is an error, never silently ignored.
+
+``extends = "android.toml"`` (a path next to the recipe) starts from another recipe: its tables are merged
+key by key, the extending recipe's keys winning. ``export/ios.toml`` is the Android recipe for another
+target, and stays so when the Android recipe changes.
 """
 
 from __future__ import annotations
@@ -49,19 +53,30 @@ class Recipe:
     def base_dir(self) -> Path | None:
         return self.path.parent if self.path else None
 
+    @property
+    def target_opset(self):
+        """The target's opset: the only target key the export stage reads."""
+        return self.target.opset_keys
+
+    @property
+    def precision(self):
+        """The target's keys that decide the graph and its weights (a section the export and requantize stages
+        read, see ``target.Precision``)."""
+        return self.target.precision
+
     def section(self, name: str):
         return getattr(self, name)
 
 
 def parse(data: dict, where: str, path: Path | None = None) -> Recipe:
-    top = {"name", "target"}
+    top = {"name", "target", "extends"}
     for key, value in data.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise EdgepeftError(f"{where}: {key} must be a table ([{key}])")
         elif key not in top:
             raise EdgepeftError(f"{where}: unknown key or table {key!r} "
-                                f"(known: name, target, {', '.join('[' + s + ']' for s in SECTIONS)})")
+                                f"(known: name, target, extends, {', '.join('[' + s + ']' for s in SECTIONS)})")
     name = data.get("name", path.stem if path else "run")
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise EdgepeftError(f"{where}: name must be a plain folder name, got {name!r}")
@@ -73,8 +88,30 @@ def parse(data: dict, where: str, path: Path | None = None) -> Recipe:
     return Recipe(name=name, path=path, target=target, **sections)
 
 
+def resolve_extends(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """``data`` merged onto the recipe it extends (recursively); ``path`` is where ``data`` was read."""
+    if "extends" not in data:
+        return data
+    spec = data["extends"]
+    if not isinstance(spec, str) or not spec.endswith(".toml"):
+        raise EdgepeftError(f"{path}: extends must be the path of another recipe (.toml), got {spec!r}")
+    base_path = (path.parent / spec).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise EdgepeftError(f"{path}: extends {spec} makes a cycle")
+    base = resolve_extends(load_toml(base_path), base_path, (*seen, path.resolve()))
+    merged = {k: v for k, v in base.items() if k not in ("name", "extends")}
+    for key, value in data.items():
+        if key == "extends":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def load(path: str | Path) -> Recipe:
     path = Path(path)
     if path.suffix != ".toml" and not path.exists() and (Path("export") / f"{path}.toml").is_file():
         path = Path("export") / f"{path}.toml"  # `edgepeft run android` finds export/android.toml
-    return parse(load_toml(path), str(path), path.resolve())
+    return parse(resolve_extends(load_toml(path), path), str(path), path.resolve())

@@ -26,6 +26,27 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider
 
 
 @dataclass
+class Opset:
+    """The one key of a target the export stage reads (its fingerprint), so every target with the same opset
+    shares the fp32 graph."""
+
+    opset: int
+
+
+@dataclass
+class Precision:
+    """The keys of a target that decide the exported graph and its weights: what the export and requantize
+    stages fingerprint, so targets that differ only in runtime, providers or budgets share those stages."""
+
+    opset: int
+    weights: str
+    block_size: int
+    symmetric: bool
+    activations: str
+    quantize_embedding: bool
+
+
+@dataclass
 class Target:
     name: str
     runtime: Literal["onnxruntime-genai"] = "onnxruntime-genai"
@@ -39,6 +60,9 @@ class Target:
     quantize_embedding: bool = True
     max_bundle_mb: float | None = None
     providers: list[str] = field(default_factory=lambda: ["cpu"])  # execution providers, preferred first
+    # Mobile execution providers the bundle's readiness report assesses (edgepeft.readiness): which nodes each
+    # would take. Non-empty makes the target a mobile one; such a bundle must ship the ORT format.
+    readiness: list[str] = field(default_factory=list)
     # The device the estimate of on-device decode speed is made for (see edgepeft.costmodel):
     device: str = ""
     device_memory_bandwidth_gbs: float | None = None  # DRAM peak, GB/s
@@ -57,11 +81,26 @@ class Target:
         unknown = [p for p in self.providers if p not in PROVIDERS]
         if unknown or not self.providers:
             return f"providers must be a non-empty list of {', '.join(PROVIDERS)} (got {self.providers})"
+        from edgepeft.readiness import CHECKERS
+
+        odd = [p for p in self.readiness if p not in CHECKERS]
+        if odd:
+            return f"readiness must list execution providers among {', '.join(CHECKERS)} (got {self.readiness})"
+        if self.readiness and "ort" not in self.formats:
+            return "a target with readiness checks is a mobile one and must ship the ORT format (formats = [\"ort\"])"
         if not 0 < self.device_bandwidth_efficiency <= 1:
             return "device_bandwidth_efficiency must be in (0, 1]"
         if self.device_memory_bandwidth_gbs is not None and not self.device_source:
             return "device_memory_bandwidth_gbs needs device_source (where the figure comes from)"
         return None
+
+    @property
+    def opset_keys(self) -> Opset:
+        return Opset(self.opset)
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(**{k: getattr(self, k) for k in Precision.__dataclass_fields__})
 
     @property
     def bits(self) -> int:

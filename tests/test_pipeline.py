@@ -97,10 +97,11 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch):
     from edgepeft.stages import train
 
     r = write_recipe(tmp_path / "r.toml", tiny_model_dir, steps=6)
-    straight = tmp_path / "straight"
+    # separate parents: a sibling run with the same fingerprint would be reused, not trained again
+    straight = tmp_path / "a" / "straight"
     _run(r, straight, last="train")
 
-    interrupted = tmp_path / "interrupted"
+    interrupted = tmp_path / "b" / "interrupted"
     real_save = train._save_checkpoint
 
     def save_then_die(work, step, *a, **k):
