@@ -1,6 +1,6 @@
-"""Sessions: `nox -s export-android` (the main job), `nox -s tests`, `nox -s lint`, `nox -s bench`,
-`nox -s latency-check` (the CI latency gate; `-- --update-baseline` accepts a new baseline on purpose),
-`nox -s latency-study` (how often the gate false-alarms and detects on this machine).
+"""Sessions: `nox -s export-android` (the main job), `nox -s export-ios`, `nox -s export-cpu`, `nox -s tests`,
+`nox -s lint`, `nox -s bench`, `nox -s latency-check` (the CI latency gate; `-- --update-baseline` accepts a
+new baseline on purpose), `nox -s latency-study` (how often the gate false-alarms and detects on this machine).
 
 Every session installs the pinned set in constraints.txt. torch goes in first and alone: on the project's
 machines `pip install torch==2.13.0` takes a local CPU wheel, while any looser torch request would pull a
@@ -29,6 +29,22 @@ def export_android(session: nox.Session) -> None:
     """Run export/android.toml end to end on the built-in default model."""
     install(session)
     session.run("edgepeft", "run", "export/android.toml", *session.posargs)
+
+
+@nox.session(name="export-ios")
+def export_ios(session: nox.Session) -> None:
+    """export/ios.toml: the Android recipe for iPhones (stages a finished Android run already has are reused)."""
+    install(session)
+    session.run("edgepeft", "run", "export/ios.toml", *session.posargs)
+    session.run("edgepeft", "verify", "dist/ios/bundle/ios-arm64")
+
+
+@nox.session(name="export-cpu")
+def export_cpu(session: nox.Session) -> None:
+    """export/cpu.toml: the Android recipe for desktop and laptop CPUs (x86-64, plain ONNX)."""
+    install(session)
+    session.run("edgepeft", "run", "export/cpu.toml", *session.posargs)
+    session.run("edgepeft", "verify", "dist/cpu/bundle/cpu-x86_64")
 
 
 @nox.session

@@ -179,8 +179,12 @@ def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | 
     from edgepeft import costmodel
     from edgepeft.ui import progress
 
-    threads = threads or target.threads
     warnings: list[str] = []
+    if not threads:
+        threads = min(target.threads, os.cpu_count() or 1)
+        if threads < target.threads:
+            warnings.append(f"target {target.name} runs {target.threads} threads; this machine has {threads} cores, "
+                            f"so the profile ran {threads}")
     limit = min((json.loads(v.genai_config.read_text())["model"].get("context_length") or math.inf)
                 for v in variants)
     lengths = [n for n in cfg.lengths if n + cfg.decode_tokens <= limit]
@@ -382,7 +386,7 @@ def headline(result: dict) -> dict:
     out = {"decode_ms_per_token": d["median_ms"], "decode_p90_ms": d["p90_ms"], "context_tokens": d["context"],
            "prefill_ms": p["median_ms"], "prompt_tokens": p["tokens"], "measured_over_floor": d["measured_over_floor"],
            "floor_ms": d["floor_ms"], "load_seconds": v["load_seconds"], "peak_rss_mb": v["peak_rss_mb"],
-           "read_bandwidth_gbs": result["machine"]["read_bandwidth_gbs"]}
+           "read_bandwidth_gbs": result["machine"]["read_bandwidth_gbs"], "threads": result["machine"]["threads"]}
     if "device_estimate" in d:
         out["device_estimate_ms_per_token"] = d["device_estimate"]["estimate_ms"]
     return out

@@ -58,3 +58,46 @@ def test_default_recipe_parses():
     r = recipe.load("export/android.toml")
     assert r.name == "android" and r.model.source == "smollm2-135m-instruct"
     assert r.adapter.method == "lora" and r.train.data == "builtin:phone-commands"
+
+
+def test_a_recipe_extends_another_key_by_key(tmp_path):
+    (tmp_path / "base.toml").write_text('name = "base"\ntarget = "android-arm64"\n[train]\nsteps = 50\nlr = 0.01\n'
+                                        '[adapter]\nr = 4\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\nname = "child"\ntarget = "ios-arm64"\n'
+                                         '[train]\nsteps = 7\n')
+    r = recipe.load(tmp_path / "child.toml")
+    assert (r.name, r.target.name, r.train.steps, r.train.lr, r.adapter.r) == ("child", "ios-arm64", 7, 0.01, 4)
+    (tmp_path / "nameless.toml").write_text('extends = "base.toml"\n')
+    assert recipe.load(tmp_path / "nameless.toml").name == "nameless"  # the base's name is not inherited
+
+
+@pytest.mark.parametrize("text, words", [
+    ('extends = "a.toml"\n', "makes a cycle"),
+    ('extends = "missing.toml"\n', "no such file"),
+    ('extends = 3\n', "extends must be the path of another recipe"),
+])
+def test_bad_extends_is_one_clear_error(tmp_path, text, words):
+    (tmp_path / "a.toml").write_text(text)
+    with pytest.raises(EdgepeftError, match=words):
+        recipe.load(tmp_path / "a.toml")
+
+
+def test_shipped_recipes_differ_only_in_name_and_target():
+    a, i, c = (recipe.load(f"export/{n}.toml") for n in ("android", "ios", "cpu"))
+    assert (a.target.name, i.target.name, c.target.name) == ("android-arm64", "ios-arm64", "cpu-x86_64")
+    for section in ("model", "quantize", "adapter", "train", "merge", "export", "requantize", "evaluate"):
+        assert a.section(section) == i.section(section) == c.section(section), section
+    assert a.target.precision == i.target.precision != c.target.precision  # desktop int4 has zero points
+    assert a.target.opset_keys == c.target.opset_keys
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"readiness": ["nnapi", "tpu"]}, "readiness must list"),
+    ({"readiness": ["nnapi"], "formats": ["onnx"]}, "must ship the ORT format"),
+])
+def test_bad_readiness_in_a_target(tmp_path, table, words):
+    from edgepeft import target
+
+    (tmp_path / "t.toml").write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in table.items()) + "\n")
+    with pytest.raises(EdgepeftError, match=words):
+        target.load(str(tmp_path / "t.toml"))

@@ -7,7 +7,10 @@ and chat template, a ``genai_config.json`` so onnxruntime-genai runs the folder 
 
 The ORT-format file is converted with every graph optimization except constant folding: folding would
 materialize a reshaped copy of the output head's weights for the shared embedding (+14 MB on SmolLM2)
-and undo the sharing. The converted file is loaded back before it is shipped.
+and undo the sharing. The converted file is loaded back as a mobile app loads it (from bytes, no graph
+optimizer) and must compute the logits of the ONNX graph it came from, or the stage fails. A mobile target
+(``readiness`` in its TOML) gets ``readiness/``: which nodes NNAPI, CoreML or XNNPACK would take, and what
+falls back to the CPU provider (see ``edgepeft.readiness``).
 
 Before sealing the manifest the stage measures the bundle's latency as shipped (``[profile]``, see
 ``edgepeft.profile``: load time, prefill and decode by length, memory, the physical floor and the
@@ -24,8 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft import __version__
-from edgepeft.errors import EdgepeftError, first_line
+from edgepeft import __version__, readiness
+from edgepeft.errors import EdgepeftError
 from edgepeft.pipeline import StageContext
 
 # onnxruntime-genai reads tokenizer.json (+ its config); vocab.json/merges.txt would only repeat it (1.3 MB)
@@ -42,7 +45,7 @@ class BundleConfig:
 
 def to_ort(onnx_file: Path, ort_file: Path, constant_folding: bool = False) -> None:
     """Convert to ORT format (optimized; no constant folding unless asked, see the module doc) and write the
-    required-operators config."""
+    required-operators config. Whether the result loads is ``edgepeft.readiness.load_check``'s to say."""
     import logging
 
     import onnxruntime as ort
@@ -57,10 +60,6 @@ def to_ort(onnx_file: Path, ort_file: Path, constant_folding: bool = False) -> N
                          disabled_optimizers=[] if constant_folding else ["ConstantFolding"])
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     create_config_from_models([ort_file], ort_file.with_name(ORT_CONFIG), enable_type_reduction=False)
-    try:
-        ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise EdgepeftError(f"[bundle] the converted ORT-format model does not load: {first_line(e)}") from None
 
 
 def system_prompt(samples) -> str | None:
@@ -86,18 +85,24 @@ def run(ctx: StageContext) -> None:
     if "onnx" in target.formats:
         for f in src.glob("model.onnx*"):
             shutil.copy2(f, out / f.name)
-    t0 = time.time()
-    if "ort" in target.formats:
-        to_ort(src / "model.onnx", out / MODEL_FILES["ort"])
-    convert_seconds = time.time() - t0
     model_file = MODEL_FILES[target.formats[0]]
-
     genai = json.loads((src / "genai_config.json").read_text())
     decoder = genai["model"]["decoder"]
     decoder["filename"] = model_file
     decoder.setdefault("session_options", {})["intra_op_num_threads"] = target.threads
     decoder["session_options"]["inter_op_num_threads"] = 1
     (out / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
+
+    t0 = time.time()
+    ready = None
+    if "ort" in target.formats:
+        ort_file = out / MODEL_FILES["ort"]
+        to_ort(src / "model.onnx", ort_file)
+        # the converted file must load as an app loads it, and compute what the ONNX graph computes
+        load = readiness.load_check(ort_file, out / "genai_config.json", src / "model.onnx")
+        if target.readiness:
+            ready = readiness.check(out, ort_file.name, target.readiness, load)
+    convert_seconds = time.time() - t0
 
     t = recipe.train
     samples = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"][:64]
@@ -114,6 +119,8 @@ def run(ctx: StageContext) -> None:
         "adapter_sha256": adapter_sha256(ctx.input("train") / "adapter"),
         "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
     }
+    if ready is not None:
+        manifest["readiness"] = readiness.summary(ready)
 
     variants = [Variant(f"bundle ({target.weights}, {model_file})", out / model_file, out / "genai_config.json")]
     if recipe.profile.compare_fp32:
@@ -122,7 +129,7 @@ def run(ctx: StageContext) -> None:
     profile = measure(variants, target, recipe.profile)
     manifest["profiles"] = {"profile": write_report(profile, out / "profile", name)}
     lat = headline(profile)
-    figures = {"threads": target.threads, "formats": target.formats, "model_file": model_file,
+    figures = {"formats": target.formats, "model_file": model_file,
                "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
                **lat, "device": target.device, "profile_warnings": profile["warnings"]}
     upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize")}
@@ -134,8 +141,10 @@ def run(ctx: StageContext) -> None:
     ctx.figures.update(figures)
     line = (f"  {name}: {mb(total)}, decode {lat['decode_ms_per_token']:.2f} ms/token at {lat['context_tokens']} "
             f"tokens of context ({lat['measured_over_floor']:.2f}x the memory floor) and prefill "
-            f"{lat['prompt_tokens']} tokens {lat['prefill_ms']:.0f} ms at {target.threads} threads")
+            f"{lat['prompt_tokens']} tokens {lat['prefill_ms']:.0f} ms at {lat['threads']} threads")
     print(line)
+    if ready is not None:
+        print(f"  mobile readiness ({out.name}/{readiness.FOLDER}/report.md): {ready['recommendation']}")
     if target.max_bundle_mb is not None and total > target.max_bundle_mb * 1e6:
         raise EdgepeftError(f"[bundle] {name} is {mb(total)}, over target {target.name}'s budget of "
                             f"{target.max_bundle_mb:g} MB")
