@@ -1,5 +1,6 @@
 """Sessions: `nox -s export-android` (the main job), `nox -s export-ios`, `nox -s export-cpu`, `nox -s tests`,
-`nox -s lint`, `nox -s bench`, `nox -s latency-check` (the CI latency gate; `-- --update-baseline` accepts a
+`nox -s lint`, `nox -s bench`, `nox -s emulate-android` (the bundle on aarch64 onnxruntime under qemu),
+`nox -s latency-check` (the CI latency gate; `-- --update-baseline` accepts a
 new baseline on purpose), `nox -s latency-study` (how often the gate false-alarms and detects on this machine).
 
 Every session installs the pinned set in constraints.txt. torch goes in first and alone: on the project's
@@ -67,6 +68,16 @@ def latency_check(session: nox.Session) -> None:
     install(session)
     session.run("edgepeft", "run", "export/android.toml")
     session.run("edgepeft", "latency-check", ANDROID_BUNDLE, "--baseline", ANDROID_BASELINE, *session.posargs)
+
+
+@nox.session(name="emulate-android")
+def emulate_android(session: nox.Session) -> None:
+    """The Android bundle on the official aarch64 onnxruntime under qemu user-mode emulation, its logits against
+    the x86 run (builds the recipe first; finished stages are skipped). Needs root (debootstrap, chroot); the
+    first run also needs apt-get (debootstrap, qemu-user-static) and the network (deb.debian.org, PyPI)."""
+    install(session)
+    session.run("edgepeft", "run", "export/android.toml")
+    session.run("python", "-m", "edgepeft.arm64.emulate", ANDROID_BUNDLE, *session.posargs)
 
 
 @nox.session(name="latency-study")
