@@ -56,13 +56,14 @@ class Decoder:
     """One decoder graph: ``prefill`` a prompt, then ``step`` one token at a time on the returned cache."""
 
     def __init__(self, model_file: Path, threads: int | None = None, genai_config: Path | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, ort_session=None):
         cfg = json.loads((genai_config or Path(model_file).parent / "genai_config.json").read_text())["model"]
         dec = cfg["decoder"]
         self.kv_heads, self.head_size = dec["num_key_value_heads"], dec["head_size"]
         self.vocab_size = cfg["vocab_size"]
         self.context_length = cfg.get("context_length")
-        self.session = session(model_file, threads, providers)
+        # ``ort_session``: one already made with other options (the readiness check's minimal-build load)
+        self.session = ort_session or session(model_file, threads, providers)
         self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -97,6 +97,10 @@ def fingerprint(stage: Stage, recipe, upstream: dict[str, str], outside: dict[st
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def write_record(stage_dir: Path, record: dict) -> None:
+    (stage_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
 def file_table(folder: Path) -> dict[str, dict]:
     from edgepeft.sources import sha256_file
 
@@ -221,7 +225,7 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
                 link_tree(other, tmp)
                 record = {**read_record(tmp), "reused_from": str(other)}
                 (tmp / RECORD).unlink()  # a link to the other run's record: replaced, not written through
-                (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+                write_record(tmp, record)
                 replace_dir(tmp, final)
                 records[stage.name] = record
                 echo(f"[{stage.name}] same inputs as {other}: reused (hard links)")
@@ -253,7 +257,7 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path, first: str | None = N
                   "config": stage_config(stage, recipe), "reads": upstream, "outside": outside,
                   "figures": ctx.figures, "seconds": round(time.time() - t0, 2),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": file_table(tmp)}
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_record(tmp, record)
         replace_dir(tmp, final)
         work = run_dir / f".{stage.name}.work"
         if work.exists():

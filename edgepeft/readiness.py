@@ -191,29 +191,14 @@ def partitioning(graph, provider: str) -> dict:
     return row
 
 
-def _first_inputs(graph_inputs, tokens: int, genai_config: Path) -> dict:
-    import numpy as np
-
-    dec = json.loads(genai_config.read_text())["model"]["decoder"]
-    feeds = {}
-    for i in graph_inputs:
-        if i.name == "input_ids":
-            feeds[i.name] = (np.arange(tokens, dtype=np.int64)[None] * 7919 + 11) % 1000 + 100
-        elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((1, tokens), np.int64)
-        elif i.name.startswith("past_key_values."):
-            feeds[i.name] = np.zeros((1, dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)
-        else:
-            raise EdgepeftError(f"readiness: no test value for graph input {i.name!r}")
-    return feeds
-
-
 def load_check(ort_file: Path, genai_config: Path, onnx_file: Path | None = None, tokens: int = 8) -> dict:
     """Load the ``.ort`` as a mobile app does (from bytes, graph optimizations off, as in a minimal build),
     run a short prompt, and compare its logits with ``onnx_file`` (the graph it was converted from).
     Raises EdgepeftError when it does not load or computes something else."""
     import numpy as np
     import onnxruntime as ort
+
+    from edgepeft.onnx_model import Decoder
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -228,13 +213,13 @@ def load_check(ort_file: Path, genai_config: Path, onnx_file: Path | None = None
         raise EdgepeftError(f"{ort_file.name}: the ORT-format model does not load: {first_line(e)}") from None
     result = {"loads": True, "load_seconds": round(time.perf_counter() - t0, 3), "onnxruntime": ort.__version__,
               "how": "from bytes, graph optimizations disabled (as a minimal build loads it)"}
-    feeds = _first_inputs(sess.get_inputs(), tokens, genai_config)
+    ids = [100 + (i * 7919 + 11) % 1000 for i in range(tokens)]  # any fixed prompt
     try:
-        logits = sess.run(["logits"], feeds)[0]
+        logits = Decoder(ort_file, genai_config=genai_config, ort_session=sess).prefill(ids)[0]
     except Exception as e:
         raise EdgepeftError(f"{ort_file.name}: the ORT-format model loads but does not run: {first_line(e)}") from None
     if onnx_file is not None:
-        ref = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+        ref = Decoder(onnx_file, genai_config=genai_config).prefill(ids)[0]
         diff = float(np.abs(ref - logits).max())
         same = bool((ref.argmax(-1) == logits.argmax(-1)).all())
         result.update(max_abs_logit_diff_vs_onnx=diff, same_argmax_as_onnx=same, prompt_tokens=tokens)

@@ -35,10 +35,10 @@ class Opset:
 
 @dataclass
 class Precision:
-    """The keys of a target that decide the exported graph and its weights: what the export and requantize
-    stages fingerprint, so targets that differ only in runtime, providers or budgets share those stages."""
+    """The keys of a target that decide the quantized weights: what the requantize stage fingerprints (the
+    opset reaches it through the export it reads), so targets that differ only in runtime, providers, threads
+    or budgets share it."""
 
-    opset: int
     weights: str
     block_size: int
     symmetric: bool

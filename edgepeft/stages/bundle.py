@@ -93,16 +93,16 @@ def run(ctx: StageContext) -> None:
     decoder["session_options"]["inter_op_num_threads"] = 1
     (out / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
 
-    t0 = time.time()
-    ready = None
+    ready, convert_seconds = None, 0.0
     if "ort" in target.formats:
         ort_file = out / MODEL_FILES["ort"]
+        t0 = time.time()
         to_ort(src / "model.onnx", ort_file)
+        convert_seconds = time.time() - t0
         # the converted file must load as an app loads it, and compute what the ONNX graph computes
         load = readiness.load_check(ort_file, out / "genai_config.json", src / "model.onnx")
         if target.readiness:
             ready = readiness.check(out, ort_file.name, target.readiness, load)
-    convert_seconds = time.time() - t0
 
     t = recipe.train
     samples = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"][:64]
