@@ -43,6 +43,11 @@ XNNPACK_OPS = {
 }
 
 
+def op_key(node) -> str:
+    """``domain:op`` as ORT's supported-operator tables and configs name an operator."""
+    return f"{node.domain or 'ai.onnx'}:{node.op_type}"
+
+
 class _XnnpackChecker:
     """Duck-types ORT's _SupportedOpsChecker: op type first, then the shape conditions of MatMul/Gemm."""
 
@@ -50,7 +55,7 @@ class _XnnpackChecker:
         self.initializers, self.value_info, self.seen = initializers, value_info, set()
 
     def is_op_supported(self, node) -> bool:
-        key = f"{node.domain or 'ai.onnx'}:{node.op_type}"
+        key = op_key(node)
         if key not in XNNPACK_OPS:
             return False
         if node.op_type in ("MatMul", "Gemm"):
@@ -67,13 +72,11 @@ class _XnnpackChecker:
 
 
 def _ort_table(name: str):
-    from pathlib import Path as P
-
     import onnxruntime.tools.mobile_helpers as helpers
     from onnxruntime.tools.mobile_helpers.usability_checker import _SupportedOpsChecker
 
     def make(initializers, value_info):
-        return _SupportedOpsChecker(P(helpers.__file__).parent / name)
+        return _SupportedOpsChecker(Path(helpers.__file__).parent / name)
     return make
 
 
@@ -173,12 +176,12 @@ def partitioning(graph, provider: str) -> dict:
     label, make, max_rank = CHECKERS[provider]
     initializers = {i.name for i in graph.initializer}
     value_info = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    every = Counter(op_key(n) for n in graph.node)
     row = {"provider": label}
     for key, fixed in (("as_is", True), ("if_shapes_fixed", False)):
         checker = make(initializers, value_info)
         info = check_partitioning(graph, checker, require_fixed_input_sizes=fixed, max_rank=max_rank)
-        taken = Counter(f"{n.domain or 'ai.onnx'}:{n.op_type}" for group in info.supported_groups for n in group)
-        every = Counter(f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in graph.node)
+        taken = Counter(op_key(n) for group in info.supported_groups for n in group)
         row[key] = {
             "nodes": info.num_nodes, "taken": info.num_supported_nodes,
             "share": round(info.num_supported_nodes / max(info.num_nodes, 1), 4),
@@ -237,8 +240,10 @@ def check(bundle: Path, model_file: str, providers: list[str], load: dict | None
     load = load or load_check(ort_file, bundle / "genai_config.json")
     result = {"format": FORMAT, "model_file": model_file, "load": load}
     graph, header = ort_graph(ort_file)
-    ops = Counter(f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in graph.node)
-    config = bundle / "model.required_operators.config"
+    from edgepeft.stages.bundle import ORT_CONFIG
+
+    ops = Counter(op_key(n) for n in graph.node)
+    config = bundle / ORT_CONFIG
     result.update(
         ort_format_version=header["ort_format_version"], opsets=header["opsets"], nodes=len(graph.node),
         operators=dict(sorted(ops.items())),

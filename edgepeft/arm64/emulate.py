@@ -89,7 +89,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -338,21 +337,27 @@ def _probe(cmd: list[str], work: Path, out: str, env: dict | None, timeout: int)
 
 
 def host_cpu() -> str:
-    """The host CPU's model name and the SIMD extensions that pick onnxruntime's x86 int8 kernels."""
+    """The host CPU's model name (as the profiler records it) and the SIMD extensions that pick onnxruntime's
+    x86 int8 kernels."""
+    from edgepeft.profile import machine
+
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+        text = ""
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
     simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name or platform.machine()} ({' '.join(simd)})"
+    return f"{machine()['cpu']} ({' '.join(simd)})"
+
+
+def run_of(bundle: Path) -> Path:
+    """The run folder of a bundle at ``<run>/bundle/<target>``."""
+    return bundle.parent.parent if bundle.parent.name == "bundle" else bundle.parent
 
 
 def default_out(bundle: Path) -> Path:
     """``<run>/emulate/arm64.json`` for a bundle at ``<run>/bundle/<target>``."""
-    run_dir = bundle.parent.parent if bundle.parent.name == "bundle" else bundle.parent
-    return run_dir / "emulate" / "arm64.json"
+    return run_of(bundle) / "emulate" / "arm64.json"
 
 
 def emulate(bundle_dir: Path, root: Path = DEFAULT_ROOT, prompt_tokens: int = 48, decode_steps: int = 8,
@@ -478,7 +483,7 @@ def quality(bundle: Path, n: int, cpu: str, held_out, spec: dict) -> dict:
     from edgepeft.stages.evaluate import Reference, heldout, recipe_of
 
     recipe = recipe_of(bundle)
-    reference = Reference.of_run(bundle.parent.parent)
+    reference = Reference.of_run(run_of(bundle))
     windows, about = heldout(recipe, recipe.evaluate, AutoTokenizer.from_pretrained(reference.adapter))
     windows = windows[:n]
     echo(f"quality on arm64 kernels: {len(windows)} held-out windows of {len(windows[0])} tokens, "
