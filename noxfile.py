@@ -54,7 +54,7 @@ def bench(session: nox.Session) -> None:
     finished stages are skipped)."""
     install(session, "[bench]")
     session.run("edgepeft", "run", "export/android.toml")
-    session.run("python", "-m", "edgepeft.bench", "dist/android", *session.posargs)
+    session.run("python", "-m", "edgepeft.latency.bench", "dist/android", *session.posargs)
 
 
 ANDROID_BUNDLE = "dist/android/bundle/android-arm64"
@@ -85,7 +85,7 @@ def latency_study(session: nox.Session) -> None:
     """Ten gate runs on the unchanged bundle (quiet, then with one core busy) and runs on regressed copies."""
     install(session)
     session.run("edgepeft", "run", "export/android.toml")
-    session.run("python", "-m", "edgepeft.gate_study", "dist/android", *session.posargs)
+    session.run("python", "-m", "edgepeft.latency.study", "dist/android", *session.posargs)
 
 
 @nox.session

@@ -19,6 +19,11 @@ at the same file: the overlap is dropped and counted, and an evaluation left emp
 
 from __future__ import annotations
 
+from edgepeft.calib.data import encode, read_jsonl, recipe_splits, resolve_path
+from edgepeft.calib.text import python_docs, token_windows
+
+from edgepeft.core.errors import EdgepeftError
+
 BUILTIN_TEXT = "builtin:python-docs"
 MIN_LINE = 20  # shorter lines ("Example:", "}") recur in any text; they are not evidence of overlap
 
@@ -27,19 +32,12 @@ def text_part(spec: str, part: str, base_dir=None) -> str:
     """The ``part`` ("calibration" or "evaluation") of a text: the built-in split of Python's help topics, or a
     user's text file or JSONL (edgepeft's data shapes) taken whole (its separation from the other part is then
     enforced by ``disjoint_text``)."""
-    from edgepeft.calib.text import python_docs
-
     if spec == BUILTIN_TEXT:
         return python_docs(part)
-    from edgepeft.data import resolve_path
-    from edgepeft.errors import EdgepeftError
-
     path = resolve_path(spec, base_dir)
     if not path.is_file():
         raise EdgepeftError(f"{part} text not found: {spec}")
-    if path.suffix == ".jsonl":  # the data shapes of edgepeft.data: each example's text, one after another
-        from edgepeft.data import read_jsonl
-
+    if path.suffix == ".jsonl":  # the data shapes of edgepeft.calib.data: each example's text, one after another
         return "\n\n".join(sample_text(s) for s in read_jsonl(path))
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
@@ -90,8 +88,6 @@ def disjoint_samples(samples, train) -> tuple[list, int]:
 
 def task_windows(tokenizer, samples, windows: int, length: int) -> list[list[int]]:
     """Training samples encoded as in training, concatenated and cut into ``windows`` windows of ``length``."""
-    from edgepeft.data import encode
-
     ids: list[int] = []
     for s in samples:
         if len(ids) >= windows * length:
@@ -103,14 +99,9 @@ def task_windows(tokenizer, samples, windows: int, length: int) -> list[list[int
 def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: int, length: int,
                         text: str = BUILTIN_TEXT) -> tuple[list[list[int]], dict]:
     """The calibration windows of a recipe: prose, then the task's training examples; plus a description."""
-    from edgepeft.calib.text import token_windows
-
-    from edgepeft.data import load_splits
-
     prose = token_windows(tokenizer, text_part(text, "calibration", recipe.base_dir), prose_windows, length,
                           spread=True)
-    t = recipe.train
-    train = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"]
+    train = recipe_splits(recipe)["train"]
     task = task_windows(tokenizer, train, task_windows_, length) if task_windows_ else []
     return prose + task, {"text": text, "prose_windows": len(prose), "task_windows": len(task),
                           "window_tokens": length}
@@ -118,10 +109,30 @@ def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: in
 
 def evaluation_text(recipe, text: str, calib_text: str) -> tuple[str, dict]:
     """The held-out prose for evaluation, with every line seen in calibration or training removed."""
-    from edgepeft.data import load_splits
-
-    t = recipe.train
-    train = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"]
+    train = recipe_splits(recipe)["train"]
     seen = line_keys([text_part(calib_text, "calibration", recipe.base_dir)] + [sample_text(s) for s in train])
     held, dropped = disjoint_text(text_part(text, "evaluation", recipe.base_dir), seen)
     return held, {"text": text, "lines_dropped_as_seen_in_calibration_or_training": dropped}
+
+
+def check_text(spec: str, base_dir) -> str:
+    """The held-out prose the merge and export stages check their output on (``[merge] eval_text``): the
+    evaluation part of the built-in text, or a user's text file whole."""
+    if spec == BUILTIN_TEXT:
+        return python_docs("evaluation")
+    path = resolve_path(spec, base_dir)
+    if not path.is_file():
+        raise EdgepeftError(f"[merge] eval_text: file not found: {spec}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise EdgepeftError(f"[merge] eval_text: {spec} is empty")
+    return text
+
+
+def check_windows(recipe, tokenizer, windows: int, length: int, stage: str) -> list[list[int]]:
+    """Token windows of the recipe's ``[merge] eval_text``, shared by the stages that check their own output."""
+    found = token_windows(tokenizer, check_text(recipe.merge.eval_text, recipe.base_dir), windows, length)
+    if not found:
+        raise EdgepeftError(f"[{stage}] eval_text {recipe.merge.eval_text!r} is shorter than one window of "
+                            f"{length} tokens")
+    return found

@@ -12,24 +12,29 @@ import sys
 from pathlib import Path
 
 from edgepeft import __version__
-from edgepeft.errors import EdgepeftError
+from edgepeft.bundle.manifest import MANIFEST, check_files, read_manifest
+from edgepeft.bundle.runner import Runner, verify
+from edgepeft.core.console import mb, quiet
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.latency import check as latency_check
+from edgepeft.latency.profile import ProfileConfig, headline, profile_bundle
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.layout import RunDir
+from edgepeft.pipeline.runner import run_stages
+from edgepeft.quality.gate import evaluate_bundle, failure
+from edgepeft.quality.reference import Reference
+from edgepeft.stages.registry import STAGES
 
-DEFAULT_OUT = Path("dist")
 
-
-def _out_dir(args, recipe) -> Path:
-    return Path(args.out) if args.out else DEFAULT_OUT / recipe.name
+def _run_dir(args, recipe) -> RunDir:
+    return RunDir(args.out) if args.out else RunDir.default(recipe.name)
 
 
 def _run(args, first=None, last=None) -> int:
-    from edgepeft import recipe as recipe_mod
-    from edgepeft.pipeline import run_stages
-    from edgepeft.runtime import quiet
-    from edgepeft.stages.registry import STAGES
 
     quiet()
     recipe = recipe_mod.load(args.recipe)
-    run_dir = _out_dir(args, recipe)
+    run_dir = _run_dir(args, recipe)
     records = run_stages(STAGES, recipe, run_dir, first=first or args.__dict__.get("from_stage"),
                          last=last or args.__dict__.get("to_stage"), force=args.force,
                          options={"resume": getattr(args, "resume", False)})
@@ -37,15 +42,11 @@ def _run(args, first=None, last=None) -> int:
         summary(records)
         print(f"run folder: {run_dir}")
         if "bundle" in records:
-            from edgepeft.stages.bundle import bundle_dir
-
-            print(f"bundle: {bundle_dir(run_dir, recipe)}")
+            print(f"bundle: {run_dir.bundle(recipe.target.name)}")
     return 0
 
 
 def _verify(args) -> int:
-    from edgepeft.bundle import verify
-    from edgepeft.runtime import quiet
 
     quiet()
     problems, sample = verify(Path(args.bundle))
@@ -59,7 +60,6 @@ def _verify(args) -> int:
 
 
 def _generate(args) -> int:
-    from edgepeft.bundle import Runner, check_files, read_manifest
 
     folder = Path(args.bundle)
     manifest = read_manifest(folder)
@@ -74,7 +74,6 @@ def _generate(args) -> int:
 
 
 def _profile(args) -> int:
-    from edgepeft.profile import ProfileConfig, headline, profile_bundle
 
     cfg = None
     if args.lengths or args.repeats:
@@ -106,19 +105,16 @@ def _profile(args) -> int:
 
 def _evaluate(args) -> int:
     """``edgepeft evaluate RECIPE`` runs the stage; ``edgepeft evaluate BUNDLE`` judges a bundle folder."""
-    from edgepeft.bundle import MANIFEST
 
     bundle = Path(args.recipe)
     if not (bundle.is_dir() and (bundle / MANIFEST).is_file()):
         if args.run:
             raise EdgepeftError("--run goes with a bundle folder, not a recipe")
         return _run(args, "evaluate", "evaluate")
-    from edgepeft.runtime import quiet
-    from edgepeft.stages.evaluate import Reference, evaluate_bundle, failure, recipe_of
 
     quiet()
-    recipe = recipe_of(bundle)
-    run_dir = Path(args.run) if args.run else bundle.parent.parent
+    recipe = recipe_mod.from_manifest(read_manifest(bundle), f"{bundle}/{MANIFEST}")
+    run_dir = Path(args.run) if args.run else RunDir.of_bundle(bundle).path
     result = evaluate_bundle(bundle, recipe, recipe.evaluate, Reference.of_run(run_dir))
     print(f"report: {bundle / 'quality' / 'report.md'} (manifest re-sealed)")
     if not result["passed"]:
@@ -128,15 +124,13 @@ def _evaluate(args) -> int:
 
 
 def _latency_check(args) -> int:
-    from edgepeft.gate import check
 
-    return check(Path(args.bundle), Path(args.baseline), update=args.update_baseline, rounds=args.rounds,
+    return latency_check.check(Path(args.bundle), Path(args.baseline), update=args.update_baseline, rounds=args.rounds,
                  tolerance=args.tolerance)
 
 
 def summary(records: dict[str, dict]) -> None:
     """The figures a user asked for, one line each, from the stage records."""
-    from edgepeft.runtime import mb
 
     lines = []
     if "quantize" in records:
@@ -186,7 +180,6 @@ def summary(records: dict[str, dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgepeft.stages.registry import STAGES
 
     p = argparse.ArgumentParser(prog="edgepeft",
                                 description="Fine-tune a small LM QLoRA-style and ship it to the edge.")

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     """The built-in model's tokenizer (with chat template), saved once as plain HF files."""
-    from edgepeft.sources import load_tokenizer, resolve
+    from edgepeft.models.sources import load_tokenizer, resolve
 
     tok = load_tokenizer(resolve("smollm2-135m-instruct"))
     out = tmp_path_factory.mktemp("tokenizer")
@@ -101,8 +101,8 @@ warmup = 0
 def tiny_run(tmp_path_factory, tiny_model_dir):
     """One full pipeline run on the tiny model, shared by the bundle and latency tests (read-only: copy it
     before changing anything)."""
-    from edgepeft import recipe as recipe_mod
-    from edgepeft.pipeline import run_stages
+    from edgepeft.pipeline import recipe as recipe_mod
+    from edgepeft.pipeline.runner import run_stages
     from edgepeft.stages.registry import STAGES
 
     root = tmp_path_factory.mktemp("e2e")

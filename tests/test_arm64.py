@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgepeft.arm64 import emulate
-from edgepeft.onnx_model import Decoder
+from edgepeft.onnx.decoder import Decoder
 
 PROBE = Path(emulate.__file__).with_name("probe.py")
 
@@ -74,6 +74,24 @@ def test_compare_passes_equal_logits_and_fails_broken_ones():
     nan = x86.copy()
     nan[0, 0] = np.nan
     assert emulate.compare(x86, nan)["failures"] == ["arm64 logits are not all finite"]
+
+
+def test_judge_fails_a_wrong_platform_a_version_mismatch_or_a_failed_run():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 4, (6, 50)).astype(np.float32)
+    greedy = logits.argmax(-1)
+    x86 = {"onnxruntime": "1.32.0", "arrays": {"greedy": greedy}}
+
+    def arm(machine="aarch64", version="1.32.0"):
+        return {"machine": machine, "onnxruntime": version,
+                "arrays": {"prefill": logits[:4], "decode": logits[4:], "greedy": greedy}}
+
+    ok = emulate.judge(arm(), x86, logits, emulate.TOLERANCE)
+    assert ok["passed"] and ok["greedy_matches_x86"] and "arrays" not in ok
+    assert not emulate.judge(arm(machine="x86_64"), x86, logits, emulate.TOLERANCE)["passed"]
+    assert not emulate.judge(arm(version="1.31.0"), x86, logits, emulate.TOLERANCE)["passed"]
+    failed = emulate.judge({"error": "boom"}, x86, logits, emulate.TOLERANCE)
+    assert failed["failures"] == ["arm64 run failed: boom"] and not failed["passed"]
 
 
 def test_prompt_has_the_requested_length(tiny_run):

@@ -9,11 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from edgepeft import recipe as recipe_mod
-from edgepeft.bundle import MANIFEST, Runner, check_files, read_manifest, verify
-from edgepeft.errors import EdgepeftError
-from edgepeft.onnx_model import Decoder
-from edgepeft.pipeline import run_stages
+from edgepeft.bundle.manifest import MANIFEST, check_files, read_manifest
+from edgepeft.bundle.runner import Runner, verify
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.core.files import sha256_files
+from edgepeft.models.sources import resolve
+from edgepeft.onnx.decoder import Decoder
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
 from tests.conftest import write_recipe
 
@@ -23,7 +26,7 @@ def run(tiny_run):
     return tiny_run
 
 
-def test_end_to_end_bundle_contents(run):
+def test_end_to_end_bundle_contents(run, tiny_model_dir):
     b = run["bundle"]
     names = {p.name for p in b.iterdir()}
     assert {"model.ort", "model.required_operators.config", "genai_config.json", "tokenizer.json",
@@ -38,7 +41,8 @@ def test_end_to_end_bundle_contents(run):
     m = read_manifest(b)
     assert {f.split("/")[0] for f in m["files"]} == names - {MANIFEST}
     assert m["target"]["name"] == "android-arm64" and m["recipe"]["name"] == "tiny"
-    assert m["base_model_sha256"] == run["records"]["load"]["outside"]["model_files"]
+    assert m["base_model_sha256"] == run["records"]["load"]["outside"]["model.source"] == sha256_files(
+        resolve(str(tiny_model_dir)).files())
     assert len(m["adapter_sha256"]) == 64
     assert m["prompt"]["system"].startswith("Turn the phone request")
     figures = m["figures"]
@@ -86,7 +90,7 @@ def test_verify_cli_exit_codes(run, tmp_path):
 
 
 def test_manifest_paths_cannot_leave_the_bundle(run, tmp_path):
-    from edgepeft.bundle import seal
+    from edgepeft.bundle.manifest import seal
 
     copy = tmp_path / "b"
     shutil.copytree(run["bundle"], copy)
@@ -155,8 +159,8 @@ def test_shared_embedding_keeps_the_heads_zero_points_when_asymmetric(run, tmp_p
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from edgepeft.stages.requantize import quantize
-    from edgepeft.target import Target
+    from edgepeft.onnx.mixed import quantize
+    from edgepeft.pipeline.target import Target
 
     out = tmp_path / "asym.onnx"
     quantize(run["out"] / "export" / "model" / "model.onnx", out, Target("t", symmetric=False))
@@ -222,9 +226,9 @@ def test_unknown_or_bad_target_is_one_clear_error(tmp_path, tiny_model_dir):
 
 
 def test_bench_runs_on_a_finished_run(run):
-    from edgepeft import bench
+    from edgepeft.latency import bench
 
-    done = subprocess.run([sys.executable, "-m", "edgepeft.bench", str(run["out"]), "--rounds", "1",
+    done = subprocess.run([sys.executable, "-m", "edgepeft.latency.bench", str(run["out"]), "--rounds", "1",
                            "--prompt-tokens", "8", "--decode-tokens", "2"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "ratios edgepeft / builder: size" in done.stdout
@@ -236,9 +240,8 @@ def test_bench_runs_on_a_finished_run(run):
 def test_bundle_tokenizes_prompts_like_the_training_tokenizer(run):
     """onnxruntime-genai's reading of the bundle's tokenizer gives the ids training used (a GGUF-converted
     tokenizer once mapped most text to unknown ids there)."""
+    from edgepeft.calib.data import builtin_splits, prompt_ids
     from transformers import AutoTokenizer
-
-    from edgepeft.data import builtin_splits, prompt_ids
 
     hf = AutoTokenizer.from_pretrained(run["out"] / "merge" / "model")
     runner = Runner(run["bundle"])
@@ -247,8 +250,8 @@ def test_bundle_tokenizes_prompts_like_the_training_tokenizer(run):
 
 
 def test_int8_target_quantizes_closer_to_fp32_than_int4(run, tmp_path):
-    from edgepeft.stages.requantize import quantize
-    from edgepeft.target import Target
+    from edgepeft.onnx.mixed import quantize
+    from edgepeft.pipeline.target import Target
 
     src = run["out"] / "requantize" / "model"
     fp32 = run["out"] / "export" / "model" / "model.onnx"

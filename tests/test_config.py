@@ -3,9 +3,9 @@ from typing import Literal
 
 import pytest
 
-from edgepeft import recipe
-from edgepeft.config import from_table, load_toml
-from edgepeft.errors import EdgepeftError
+from edgepeft.core.config import from_table, load_toml
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.pipeline import recipe
 
 
 @dataclass
@@ -96,7 +96,7 @@ def test_shipped_recipes_differ_only_in_name_and_target():
     ({"readiness": ["nnapi"], "formats": ["onnx"]}, "must ship the ORT format"),
 ])
 def test_bad_readiness_in_a_target(tmp_path, table, words):
-    from edgepeft import target
+    from edgepeft.pipeline import target
 
     (tmp_path / "t.toml").write_text("\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in table.items()) + "\n")
     with pytest.raises(EdgepeftError, match=words):

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from edgepeft.calib.data import IGNORE, Sample, collate, encode, load_splits, prompt_ids, read_jsonl
 
-from edgepeft.data import IGNORE, Sample, collate, encode, load_splits, prompt_ids, read_jsonl
-from edgepeft.errors import EdgepeftError
+from edgepeft.core.errors import EdgepeftError
 
 
 def _write(tmp_path, lines):

@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from edgepeft import recipe as recipe_mod
-from edgepeft.pipeline import run_stages
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
 
 

@@ -14,10 +14,11 @@ import sys
 import numpy as np
 import pytest
 
-from edgepeft import costmodel
-from edgepeft.bundle import read_manifest, verify
+from edgepeft.bundle.manifest import read_manifest
+from edgepeft.bundle.runner import verify
 from edgepeft.cli import main as cli
-from edgepeft.gate import median_ci, verdict
+from edgepeft.latency import costmodel
+from edgepeft.latency.check import median_ci, verdict
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -146,9 +147,9 @@ def small_exports(tmp_path_factory, smollm_tokenizer_dir):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgepeft.stages.export import build_onnx
-    from edgepeft.stages.requantize import quantize
-    from edgepeft.target import Target
+    from edgepeft.onnx.builder import build_onnx
+    from edgepeft.onnx.mixed import quantize
+    from edgepeft.pipeline.target import Target
 
     root = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)

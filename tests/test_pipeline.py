@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from edgepeft import recipe as recipe_mod
-from edgepeft.errors import EdgepeftError
-from edgepeft.pipeline import run_stages
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
 from tests.conftest import write_recipe
 
@@ -27,8 +27,7 @@ def _check_merge(out):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.runtime import load_4bit
-    from edgepeft.stages.merge import dequantized_model
+    from edgepeft.models.pytorch import dequantized_model, load_4bit
 
     adapter_dir = out / "train" / "adapter"
     reference = PeftModel.from_pretrained(load_4bit(out / "quantize" / "model"), adapter_dir)

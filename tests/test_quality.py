@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from edgepeft.calib import sets
 
-from edgepeft import recipe as recipe_mod
-from edgepeft.bundle import check_files, read_manifest
-from edgepeft.errors import EdgepeftError
-from edgepeft.pipeline import run_stages
-from edgepeft.quality import Budgets, passed, score, table, verdict
+from edgepeft.bundle.manifest import check_files, read_manifest
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.runner import run_stages
+from edgepeft.quality.scores import Budgets, passed, score, table, verdict
 from edgepeft.stages.registry import STAGES
 from tests.conftest import write_recipe
 
@@ -87,7 +87,7 @@ def test_jsonl_text_is_read_as_its_examples_text(tmp_path):
 
 
 def test_test_prompts_seen_in_training_are_dropped():
-    from edgepeft.data import Sample
+    from edgepeft.calib.data import Sample
 
     train = [Sample(messages=(("system", "s"), ("user", "call mom"), ("assistant", "{}")))]
     test = [Sample(messages=(("system", "s"), ("user", "Call  Mom"), ("assistant", "{}"))),
@@ -97,7 +97,7 @@ def test_test_prompts_seen_in_training_are_dropped():
 
 
 def test_builtin_task_splits_need_no_dropping():
-    from edgepeft.data import builtin_splits
+    from edgepeft.calib.data import builtin_splits
 
     s = builtin_splits("phone-commands")
     assert sets.disjoint_samples(s["test"], s["train"])[1] == 0

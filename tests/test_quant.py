@@ -1,10 +1,10 @@
-"""Block quantization written by edgepeft (edgepeft.quant) checked against ONNX Runtime's own kernels and
+"""Block quantization written by edgepeft (edgepeft.onnx.quant) checked against ONNX Runtime's own kernels and
 quantizer, and the calibrated methods against round-to-nearest on the error they minimize."""
 
 import numpy as np
 import pytest
 
-from edgepeft import quant
+from edgepeft.onnx import quant
 
 
 def _matmulnbits(x: np.ndarray, q: quant.Quantized) -> np.ndarray:

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from edgepeft import recipe as recipe_mod
-from edgepeft.pipeline import run_stages
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ def test_default_recipe_short_run(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.runtime import load_4bit
+    from edgepeft.models.pytorch import load_4bit
 
     base = recipe_mod.load("export/android.toml")
     r = recipe_mod.parse({"name": "short", "model": {"source": base.model.source},

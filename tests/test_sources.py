@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from edgepeft.errors import EdgepeftError
-from edgepeft.sources import load_config, resolve
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.models.sources import load_config, resolve
 
 
 def test_builtin_resolves_to_the_shipped_gguf():
@@ -62,7 +62,7 @@ def test_gguf_tokenizer_is_repaired_from_the_files_metadata():
     special tokens (eos <|im_end|>, no BOS added), which onnxruntime-genai can read."""
     from transformers import AutoTokenizer
 
-    from edgepeft.sources import load_tokenizer
+    from edgepeft.models.sources import load_tokenizer
 
     src = resolve("smollm2-135m-instruct")
     raw = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)

@@ -8,12 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from edgepeft import readiness
-from edgepeft import recipe as recipe_mod
-from edgepeft.bundle import Runner, read_manifest, verify
-from edgepeft.errors import EdgepeftError
-from edgepeft.onnx_model import Decoder
-from edgepeft.pipeline import run_stages
+from edgepeft.bundle import readiness
+from edgepeft.bundle.manifest import read_manifest
+from edgepeft.bundle.runner import Runner, verify
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.onnx.decoder import Decoder
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
 
 

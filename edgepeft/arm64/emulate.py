@@ -31,7 +31,7 @@ HWCAP bits, which qemu sets from ``-cpu``: the kernels onnxruntime picks are tho
 **CPU models** (``--cpu``, default both): ``max,sve-default-vector-length=16`` has every feature qemu 7.2
 emulates (i8mm, bf16, SVE2 at the 128-bit width of phone cores, SME) and takes the i8mm kernels of recent phones
 (the Snapdragon 8 Gen 2 class); ``cortex-a76`` has dot-product but no i8mm, the kernels of 2019-2022 mid-range
-phones. (``cortex-a53``, without dot-product, computes int4 MatMulNBits in fp32 and is 5x slower to emulate.)
+phones. (``cortex-a53``, without dot-product, computes int4 MatMulNBits in fp32 and is much slower to emulate.)
 
 **The comparison.** The x86 run picks the continuation greedily; every other run is fed the same tokens, so
 each row of logits has identical inputs on both sides: all prompt positions of the prefill, then each decode
@@ -47,40 +47,19 @@ x86 ranked far lower is not). Each CPU model runs two checks, each against its o
 **Why two, and the tolerances.** The model is int4 (and some int8) MatMulNBits with accuracy_level 4:
 activations are quantized to int8 at run time, so bit-exactness is not on the cards, and x86 and arm64 do
 it differently. x86 (AVX2/AVX512-VNNI) quantizes each block of 32 activations with its own scale. On arm64 with
-dot-product or i8mm, onnxruntime 1.32 sends MatMulNBits to KleidiAI, which quantizes each activation row as a
-whole (one asymmetric scale per row: coarser). Measured on SmolLM2-135M all-int4 (a random 48-token prompt,
-8 steps) against fp32 activations on the same weights (accuracy_level 0, where emulated arm64 is within
-1.4e-4 of x86, as is cortex-a53 at level 4, which falls back to fp32): x86's int8 shows max KL 0.015 and
-max |Δ| 1.2, arm64's KleidiAI 0.12 and 4.4, arm64 with KleidiAI off 0.014 and 1.25; i8mm and dot-product give
-the same logits. So the shipped arm64 logits differ from x86's by several times x86's own quantization error,
-about as much as a different int4 quantization of the same weights does (KL 0.15 on x86), and only the
-check without KleidiAI can hold arm64 close to x86. Measured on dist/android's bundle (chat prompt; 48 + 8,
-64 + 16 with 2 threads and 148 + 32 tokens; ``max`` / ``cortex-a76``; argmax agreement over all of them)::
-
-    check         max KL         rel max        argmax      flip gap     max |Δ|
-    shipped       0.133 / 0.090  0.075 / 0.082  0.91-0.96   0.48 / 0.80  3.5 / 3.9
-    no-kleidiai   0.036 / 0.023  0.037 / 0.034  0.96-1.0    0.34 / 0.28  1.8 / 1.6
-
-The default recipe's current bundle (all int4, GPTQ) is further apart on the shipped path: max KL 0.34, rel
-0.10, argmax 0.84, flip gap 0.88, max |Δ| 4.9 (no-kleidiai: 0.024, 0.034, 0.98, 0.16, 1.6). The tolerances
-(``CHECKS``) allow about three times the worst of those and the argmax agreement 10-15 points less: shipped
-max KL 1.0, rel 0.3, argmax >= 0.7, flip gap <= 3; no-kleidiai max KL 0.08, rel 0.08, argmax >= 0.85, flip gap
-<= 1.5, which a different int4 quantization of the same weights fails (x86 against x86: KL 0.15, rel 0.10;
-it passes ``shipped``). The shipped check catches broken kernels; whether KleidiAI's coarser activations cost
-the fine-tune is the quality check's question:
+dot-product or i8mm, onnxruntime sends MatMulNBits to KleidiAI, which quantizes each activation row as a
+whole (one asymmetric scale per row: coarser), so only the check without KleidiAI can hold arm64 close to
+x86. The tolerances (``CHECKS``) allow about three times the worst figures measured on the default bundle;
+the loose ``shipped`` check catches broken kernels, and the tight ``no-kleidiai`` one fails even a different
+int4 quantization of the same weights. Whether KleidiAI's coarser activations cost the fine-tune is the
+quality check's question:
 
 **Quality on the arm64 kernels** (``--quality-windows``, default 4). The first windows of the recipe's held-out
 prose go through the bundle on x86 and under emulation (the last ``--cpu``), each scored against
 (4-bit base + adapter) in PyTorch and judged by the recipe's perplexity, KL and agreement budgets, the gate's
-prose half on the kernels a phone runs. Default bundle, 4 x 256 tokens: x86 +10.9% perplexity, KL 0.136,
-agreement 81.8%; arm64 (cortex-a76, KleidiAI) +12.5%, KL 0.155, 80.1%: inside the budgets (15%, 0.25, 75%).
-The desktop bundle's int4 with zero points does not take the KleidiAI path: its shipped arm64 logits are as
-close to x86 as with KleidiAI off (max KL 0.029, mean 0.0034, argmax 0.95), and its gate figures are the same
-on both (x86 +6.3%, KL 0.101, 82.6%; arm64 +6.0%, 0.100, 82.3%).
+prose half on the kernels a phone runs.
 
-Broken runs, for scale (x86 against itself):
-decode without the KV cache gives max KL 17 and a flip gap of 37, logits off by one position KL 35 and 16%
-agreement, a shuffled prompt KL 17.5.
+The figures measured with all of this, and broken runs for scale, are in docs/measurements.md.
 """
 
 from __future__ import annotations
@@ -99,7 +78,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.errors import EdgepeftError
+from edgepeft.bundle.manifest import MANIFEST, read_manifest
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.core.files import write_atomic
+from edgepeft.latency.profile import machine
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.layout import RunDir
+from edgepeft.quality import reference as torch_reference
+from edgepeft.quality.gate import heldout
+from edgepeft.quality.reference import Reference
+from edgepeft.quality.scores import Budgets, log_softmax, score, verdict
+from edgepeft.quality.scores import table as budget_table
 
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 GLIBC_MINOR = 36  # bookworm's glibc 2.36: the newest manylinux tag its root can take
@@ -143,7 +132,6 @@ def echo(msg: str) -> None:
 
 def compare(x86: np.ndarray, arm: np.ndarray, tol: Tolerance = TOLERANCE) -> dict:
     """Figures and verdict for two [rows, vocab] logit arrays computed from identical inputs."""
-    from edgepeft.onnx_model import log_softmax
 
     if x86.shape != arm.shape:
         return {"failures": [f"logits shapes differ: x86 {x86.shape}, arm64 {arm.shape}"], "passed": False}
@@ -339,7 +327,6 @@ def _probe(cmd: list[str], work: Path, out: str, env: dict | None, timeout: int)
 def host_cpu() -> str:
     """The host CPU's model name (as the profiler records it) and the SIMD extensions that pick onnxruntime's
     x86 int8 kernels."""
-    from edgepeft.profile import machine
 
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -350,14 +337,9 @@ def host_cpu() -> str:
     return f"{machine()['cpu']} ({' '.join(simd)})"
 
 
-def run_of(bundle: Path) -> Path:
-    """The run folder of a bundle at ``<run>/bundle/<target>``."""
-    return bundle.parent.parent if bundle.parent.name == "bundle" else bundle.parent
-
-
 def default_out(bundle: Path) -> Path:
     """``<run>/emulate/arm64.json`` for a bundle at ``<run>/bundle/<target>``."""
-    return run_of(bundle) / "emulate" / "arm64.json"
+    return RunDir.of_bundle(bundle).stage("emulate") / "arm64.json"
 
 
 def emulate(bundle_dir: Path, root: Path = DEFAULT_ROOT, prompt_tokens: int = 48, decode_steps: int = 8,
@@ -366,7 +348,6 @@ def emulate(bundle_dir: Path, root: Path = DEFAULT_ROOT, prompt_tokens: int = 48
     """Run the bundle on x86 and, under emulation, on arm64 with each of ``cpus`` and each of ``checks``
     (session config, tolerance); compare; write the JSON result (``out``, default ``default_out``) and
     return it."""
-    from edgepeft.pipeline import write_atomic
 
     bundle_dir, root = Path(bundle_dir), Path(root).expanduser().absolute()
     cfg = bundle_dir / "genai_config.json"
@@ -427,19 +408,7 @@ def emulate(bundle_dir: Path, root: Path = DEFAULT_ROOT, prompt_tokens: int = 48
                  f"the same {len(ids)} + {decode_steps} tokens (10-60 s) ...")
             arm = probe(f"arm64-{i}", {**spec, "session_config": config}, arm_cpu=cpu)
             row = {"label": f"{cpu} {check}", "cpu": cpu, "check": check, "session_config": config}
-            if "error" in arm:
-                runs.append({**row, **arm, "failures": [f"arm64 run failed: {arm['error']}"], "passed": False})
-                continue
-            aa = arm.pop("arrays")
-            fig = compare(x86_logits[check], np.concatenate([aa["prefill"], aa["decode"]]), tol)
-            failures = fig.pop("failures")
-            if arm["machine"] != "aarch64":
-                failures.append(f"platform.machine() is {arm['machine']!r} under emulation, not 'aarch64'")
-            if arm["onnxruntime"] != x86["onnxruntime"]:
-                failures.append(f"onnxruntime {arm['onnxruntime']} on arm64, {x86['onnxruntime']} on x86")
-            fig.pop("passed")
-            runs.append({**row, **arm, "greedy_matches_x86": bool((aa["greedy"] == x86["arrays"]["greedy"]).all()),
-                         "figures": fig, "failures": failures, "passed": not failures})
+            runs.append({**row, **judge(arm, x86, x86_logits[check], tol)})
         gate = None
         if quality_windows:
             def held_out(spec: dict, arm_cpu: str | None) -> list[np.ndarray]:
@@ -472,25 +441,37 @@ def emulate(bundle_dir: Path, root: Path = DEFAULT_ROOT, prompt_tokens: int = 48
     return result
 
 
+def judge(arm: dict, x86: dict, x86_logits: np.ndarray, tol: Tolerance) -> dict:
+    """One arm64 probe's result against the x86 run's: its figures, what failed, and whether it passed."""
+    if "error" in arm:
+        return {**arm, "failures": [f"arm64 run failed: {arm['error']}"], "passed": False}
+    arm = dict(arm)
+    aa = arm.pop("arrays")
+    fig = compare(x86_logits, np.concatenate([aa["prefill"], aa["decode"]]), tol)
+    failures = fig.pop("failures")
+    if arm["machine"] != "aarch64":
+        failures.append(f"platform.machine() is {arm['machine']!r} under emulation, not 'aarch64'")
+    if arm["onnxruntime"] != x86["onnxruntime"]:
+        failures.append(f"onnxruntime {arm['onnxruntime']} on arm64, {x86['onnxruntime']} on x86")
+    fig.pop("passed")
+    return {**arm, "greedy_matches_x86": bool((aa["greedy"] == x86["arrays"]["greedy"]).all()),
+            "figures": fig, "failures": failures, "passed": not failures}
+
+
 def quality(bundle: Path, n: int, cpu: str, held_out, spec: dict) -> dict:
     """The quality gate's prose figures on the arm64 kernels: the first ``n`` of the recipe's held-out windows
     through the bundle on x86 and under emulation, each scored against (4-bit base + adapter) in PyTorch
     and judged by the recipe's budgets (exact match would take hours emulated; it is left to ``evaluate``)."""
-    import torch
     from transformers import AutoTokenizer
 
-    from edgepeft.quality import Budgets, score, verdict
-    from edgepeft.stages.evaluate import Reference, heldout, recipe_of
-
-    recipe = recipe_of(bundle)
-    reference = Reference.of_run(run_of(bundle))
+    recipe = recipe_mod.from_manifest(read_manifest(bundle), f"{bundle}/{MANIFEST}")
+    reference = Reference.of_run(RunDir.of_bundle(bundle).path)
     windows, about = heldout(recipe, recipe.evaluate, AutoTokenizer.from_pretrained(reference.adapter))
     windows = windows[:n]
     echo(f"quality on arm64 kernels: {len(windows)} held-out windows of {len(windows[0])} tokens, "
          "(4-bit base + adapter) in PyTorch ...")
     model = reference.load()
-    with torch.no_grad():
-        ref = [model(input_ids=torch.tensor([w])).logits[0].float().numpy() for w in windows]
+    ref = torch_reference.logits(model, windows)
     del model
     echo(f"quality on arm64 kernels: the same windows on x86 and under qemu -cpu {cpu} (a few minutes) ...")
     x86 = score(ref, held_out({**spec, "windows": windows}, None), windows)
@@ -551,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     q = result["quality"]
     if q:
-        from edgepeft.quality import table as budget_table
 
         print(f"quality gate (prose) on {q['tokens']} held-out tokens vs {q['reference']}:")
         for side in ("x86", "arm64"):

@@ -12,7 +12,7 @@ or, for the quality check, ``"windows": [[ids...], ...]`` instead of the prompt:
 empty cache, its logits saved as ``window0``, ``window1``...
 
 It runs a prefill of ``prompt`` then ``decode_steps`` one-token steps on the KV cache, the way
-``edgepeft.onnx_model.Decoder`` (and onnxruntime-genai) feed the graph. Step i feeds ``forced[i]`` when given,
+``edgepeft.onnx.decoder.Decoder`` (and onnxruntime-genai) feed the graph. Step i feeds ``forced[i]`` when given,
 else the greedy choice, so a second run can be handed the first run's tokens and see exactly its inputs.
 
 OUT.npz holds ``prefill`` [prompt, vocab] (logits of every prompt position), ``decode`` [steps, vocab]

@@ -3,17 +3,17 @@
 It holds the quantized model in the target's formats (``model.onnx`` and/or ``model.ort`` with
 ``model.required_operators.config``, the input of a reduced-operator ONNX Runtime build), the tokenizer
 and chat template, a ``genai_config.json`` so onnxruntime-genai runs the folder as it is, and
-``manifest.json`` (see ``edgepeft.bundle``).
+``manifest.json`` (see ``edgepeft.bundle.manifest``).
 
-The ORT-format file is converted with every graph optimization except constant folding: folding would
-materialize a reshaped copy of the output head's weights for the shared embedding (+14 MB on SmolLM2)
-and undo the sharing. The converted file is loaded back as a mobile app loads it (from bytes, no graph
-optimizer) and must compute the logits of the ONNX graph it came from, or the stage fails. A mobile target
-(``readiness`` in its TOML) gets ``readiness/``: which nodes NNAPI, CoreML or XNNPACK would take, and what
-falls back to the CPU provider (see ``edgepeft.readiness``).
+The ORT-format file is converted with every graph optimization except constant folding
+(``edgepeft.onnx.ortformat``: folding would undo the shared embedding). The converted file is loaded back
+as a mobile app loads it (from bytes, no graph optimizer) and must compute the logits of the ONNX graph it
+came from, or the stage fails. A mobile target (``readiness`` in its TOML) gets ``readiness/``: which nodes
+NNAPI, CoreML or XNNPACK would take, and what falls back to the CPU provider (see
+``edgepeft.bundle.readiness``).
 
 Before sealing the manifest the stage measures the bundle's latency as shipped (``[profile]``, see
-``edgepeft.profile``: load time, prefill and decode by length, memory, the physical floor and the
+``edgepeft.latency.profile``: load time, prefill and decode by length, memory, the physical floor and the
 on-device estimate, next to the fp32 export), written into ``profile/`` as a report with plots. Its
 quality is the next stage's job (``evaluate``), which adds ``quality/`` and re-seals. The pipeline writes
 the stage into a temporary folder and renames it when done, so a failure leaves no half bundle.
@@ -24,42 +24,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from edgepeft import __version__, readiness
-from edgepeft.errors import EdgepeftError
-from edgepeft.pipeline import StageContext
+from edgepeft import __version__
+from edgepeft.bundle import readiness
+from edgepeft.bundle.manifest import adapter_sha256, write_manifest
+from edgepeft.calib.data import recipe_splits
+from edgepeft.core.config import as_dict
+from edgepeft.core.console import mb
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.latency.profile import Variant, headline, measure, write_report
+from edgepeft.onnx.ortformat import to_ort
+from edgepeft.pipeline.layout import bundle_in
+from edgepeft.pipeline.stage import Stage, StageContext, user_files
+from edgepeft.pipeline.tables import TABLES
 
 # onnxruntime-genai reads tokenizer.json (+ its config); vocab.json/merges.txt would only repeat it (1.3 MB)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MODEL_FILES = {"onnx": "model.onnx", "ort": "model.ort"}
-ORT_CONFIG = "model.required_operators.config"
-
-
-@dataclass
-class BundleConfig:
-    """The bundle's contents follow from the target (formats, threads); its latency settings are in
-    ``[profile]`` and its quality budgets in ``[evaluate]``. No keys of its own yet."""
-
-
-def to_ort(onnx_file: Path, ort_file: Path, constant_folding: bool = False) -> None:
-    """Convert to ORT format (optimized; no constant folding unless asked, see the module doc) and write the
-    required-operators config. Whether the result loads is ``edgepeft.readiness.load_check``'s to say."""
-    import logging
-
-    import onnxruntime as ort
-    from onnxruntime.tools.ort_format_model import create_config_from_models
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(ort_file)
-    so.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=[] if constant_folding else ["ConstantFolding"])
-    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
-    create_config_from_models([ort_file], ort_file.with_name(ORT_CONFIG), enable_type_reduction=False)
 
 
 def system_prompt(samples) -> str | None:
@@ -68,16 +49,10 @@ def system_prompt(samples) -> str | None:
 
 
 def run(ctx: StageContext) -> None:
-    from edgepeft.bundle import adapter_sha256, write_manifest
-    from edgepeft.config import as_dict
-    from edgepeft.data import load_splits
-    from edgepeft.profile import Variant, headline, measure, write_report
-    from edgepeft.runtime import mb
-
     recipe, target = ctx.recipe, ctx.recipe.target
-    src = ctx.input("requantize") / "model"
+    src = ctx.artifact("requantize")
     name = f"{recipe.name}-{target.name}"
-    out = ctx.out / target.name
+    out = bundle_in(ctx.out, target.name)
     out.mkdir()
     for f in TOKENIZER_FILES:
         if (src / f).is_file():
@@ -104,19 +79,16 @@ def run(ctx: StageContext) -> None:
         if target.readiness:
             ready = readiness.check(out, ort_file.name, target.readiness, load)
 
-    t = recipe.train
-    samples = load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)["train"][:64]
+    samples = recipe_splits(recipe)["train"][:64]
     eos = genai["model"].get("eos_token_id", [])
     stops = sorted(set(eos if isinstance(eos, list) else [eos]))
     manifest = {
         "name": name, "edgepeft": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "target": as_dict(target), "model_file": model_file, "runtime": target.runtime,
         "recipe": {"name": recipe.name, "path": str(recipe.path) if recipe.path else None,
-                   **{s: as_dict(recipe.section(s)) for s in ("model", "quantize", "adapter", "train", "merge",
-                                                               "export", "requantize", "bundle", "profile",
-                                                               "evaluate")}},
-        "base_model_sha256": ctx.record_of("load")["outside"]["model_files"],
-        "adapter_sha256": adapter_sha256(ctx.input("train") / "adapter"),
+                   **{s: as_dict(recipe.section(s)) for s in TABLES}},
+        "base_model_sha256": ctx.record_of("load")["outside"]["model.source"],
+        "adapter_sha256": adapter_sha256(ctx.artifact("train")),
         "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
     }
     if ready is not None:
@@ -124,7 +96,7 @@ def run(ctx: StageContext) -> None:
 
     variants = [Variant(f"bundle ({target.weights}, {model_file})", out / model_file, out / "genai_config.json")]
     if recipe.profile.compare_fp32:
-        fp32 = ctx.input("export") / "model"
+        fp32 = ctx.artifact("export")
         variants.append(Variant("fp32 export (model.onnx)", fp32 / "model.onnx", fp32 / "genai_config.json"))
     profile = measure(variants, target, recipe.profile)
     manifest["profiles"] = {"profile": write_report(profile, out / "profile", name)}
@@ -150,5 +122,7 @@ def run(ctx: StageContext) -> None:
                             f"{target.max_bundle_mb:g} MB")
 
 
-def bundle_dir(run_dir: Path, recipe) -> Path:
-    return run_dir / "bundle" / recipe.target.name
+STAGE = Stage("bundle", run, sections=("bundle", "target", "profile"),
+              reads=("requantize", "export", "load", "quantize", "train"),
+              files=lambda recipe: user_files(recipe, "train", "data", "validation_data"),
+              description="write the deployable bundle, profile its latency, seal its manifest")

@@ -7,27 +7,17 @@ adapter learns to correct *these* weights, not the original ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
-from edgepeft.pipeline import StageContext
-
-
-@dataclass
-class QuantizeConfig:
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    # Layers whose weights stay in full precision (bitsandbytes' llm_int8_skip_modules); lm_head always does.
-    skip_modules: list[str] | None = None
+from edgepeft.core.console import mb
+from edgepeft.pipeline.stage import Stage, StageContext
 
 
 def run(ctx: StageContext) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from edgepeft.runtime import device, device_map, mb
+    from edgepeft.models.pytorch import device, device_map
 
-    src = ctx.input("load") / "model"
+    src = ctx.artifact("load")
     cfg = ctx.config
     dev = device()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
@@ -40,10 +30,14 @@ def run(ctx: StageContext) -> None:
     before = ctx.record_of("load")["figures"]["fp32_bytes"]
     after = int(model.get_memory_footprint())
     n4 = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
-    model.save_pretrained(ctx.out / "model", safe_serialization=True)
-    AutoTokenizer.from_pretrained(src).save_pretrained(ctx.out / "model")
+    model.save_pretrained(ctx.output, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(ctx.output)
     ctx.figures.update(device=dev.type, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                        linear_4bit_modules=n4, weight_bytes_before=before, weight_bytes_after=after,
                        ratio=round(before / after, 2))
     print(f"  {cfg.quant_type}{' + double quant' if cfg.double_quant else ''} on {dev.type}: {n4} linear layers "
           f"in 4-bit, weights {mb(before)} -> {mb(after)} ({before / after:.2f}x smaller)")
+
+
+STAGE = Stage("quantize", run, sections=("quantize",), reads=("load",), shared=True,
+              description="quantize the base to 4-bit (bitsandbytes)")

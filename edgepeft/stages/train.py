@@ -20,83 +20,18 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from edgepeft.errors import EdgepeftError
-from edgepeft.pipeline import StageContext
-
-
-@dataclass
-class AdapterConfig:
-    method: Literal["lora", "ia3"] = "lora"
-    # LoRA
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    # Module names, or "all-linear" (LoRA only). Unset: LoRA takes every linear layer but the output head;
-    # IA3 takes peft's default for the architecture (Llama family: k_proj, v_proj, down_proj).
-    target_modules: list[str] | str | None = None
-    # IA3 only: which targeted modules are feed-forward (their input, not output, is scaled).
-    feedforward_modules: list[str] | None = None
-
-    def check(self) -> str | None:
-        if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
-            return "r and alpha must be positive"
-        if self.method == "ia3" and self.target_modules == "all-linear":
-            return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
-        if self.feedforward_modules and self.method != "ia3":
-            return "feedforward_modules applies to IA3 only"
-        return None
-
-
-@dataclass
-class TrainConfig:
-    data: str = "builtin:phone-commands"
-    validation_data: str | None = None
-    steps: int = 100
-    batch_size: int = 8
-    lr: float | None = None  # unset: 1e-3 for LoRA, 1e-2 for IA3 (its few scaling vectors need larger steps)
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    max_length: int = 256
-    seed: int = 0
-    checkpoint_every: int = 25
-    gradient_checkpointing: bool = False
-    eval_examples: int = 64  # validation examples scored by exact match (0: skip)
-    eval_max_new_tokens: int = 48
-
-    def check(self) -> str | None:
-        if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 8:
-            return "steps and batch_size must be positive, max_length > 8"
-        if self.lr is not None and not self.lr > 0:
-            return "lr must be positive"
-        if self.checkpoint_every <= 0:
-            return "checkpoint_every must be positive"
-        return None
-
-
-def outside_inputs(recipe) -> dict[str, str]:
-    from edgepeft.data import BUILTIN_PREFIX, resolve_path
-    from edgepeft.sources import sha256_file
-
-    out = {}
-    for key in ("data", "validation_data"):
-        spec = getattr(recipe.train, key)
-        if spec and not spec.startswith(BUILTIN_PREFIX):
-            path = resolve_path(spec, recipe.base_dir)
-            if not path.is_file():
-                raise EdgepeftError(f"[train] {key}: file not found: {spec}")
-            out[key] = sha256_file(path)
-    return out
+from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
+from edgepeft.core.console import mb, progress
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.pipeline.stage import Stage, StageContext, user_files
+from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
 
 def preflight(recipe) -> None:
-    from edgepeft.data import load_splits
-
     cfg = recipe.train
-    splits = load_splits(cfg.data, cfg.validation_data, recipe.base_dir, seed=cfg.seed)
+    splits = recipe_splits(recipe)
     if len(splits["train"]) < cfg.batch_size:
         raise EdgepeftError(f"[train] {cfg.data}: {len(splits['train'])} training examples, fewer than "
                             f"batch_size {cfg.batch_size}")
@@ -113,16 +48,6 @@ def peft_config(adapter: AdapterConfig):
                           target_modules=adapter.target_modules or "all-linear", task_type="CAUSAL_LM")
     return IA3Config(target_modules=adapter.target_modules, feedforward_modules=adapter.feedforward_modules,
                      task_type="CAUSAL_LM")
-
-
-def matcher(data: str):
-    from edgepeft.metrics import text_match
-
-    if data == "builtin:phone-commands":
-        from edgepeft.calib.phone_commands import exact_match
-
-        return exact_match
-    return text_match
 
 
 def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
@@ -189,15 +114,72 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list
     return meta["step"], meta["losses"]
 
 
+def _encoded(tokenizer, samples, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
+    """The training samples as (ids, labels), keeping those with a token to learn from."""
+    train = [encode(tokenizer, s, cfg.max_length) for s in samples]
+    train = [(ids, lab) for ids, lab in train if any(t != IGNORE for t in lab[1:])]
+    if not train:
+        raise EdgepeftError(f"[train] {cfg.data}: no example has tokens to learn from after tokenization")
+    if len(train) < cfg.batch_size:
+        raise EdgepeftError(f"[train] {cfg.data}: {len(train)} examples, fewer than batch_size {cfg.batch_size}")
+    return train
+
+
+def _loss(model, batch: dict):
+    """Cross-entropy of a left-padded batch, computing logits only for the positions that predict a labelled
+    token (``logits_to_keep``: the output head dominates a short step)."""
+    import torch
+
+    labels = batch.pop("labels")
+    n = labels.shape[1]
+    has = (labels != IGNORE).any(0).nonzero()
+    keep = n - int(has[0]) + 1 if len(has) else 2  # positions whose logits predict a labelled token
+    keep = min(keep, n)
+    logits = model(**batch, logits_to_keep=keep).logits[:, :-1].float()
+    target = labels[:, n - keep + 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE)
+
+
+def _loss_figures(losses: list[float], step_times: list[float], tokens: int) -> dict:
+    out = {"loss_first": losses[0], "loss_last": losses[-1],
+           "loss_first10_mean": round(statistics.fmean(losses[:10]), 4),
+           "loss_last10_mean": round(statistics.fmean(losses[-10:]), 4), "losses": losses}
+    if step_times:
+        timed = step_times[1:] or step_times
+        out.update(step_seconds_median=round(statistics.median(timed), 3),
+                   tokens_per_second=round(tokens / sum(step_times), 1))
+    return out
+
+
+def _validation(model, tokenizer, samples, cfg: TrainConfig, method: str) -> dict:
+    """Exact match on validation examples of the 4-bit base alone and with the adapter."""
+    from edgepeft.quality.answers import exact_match, matcher
+
+    val = [s for s in samples if s.reference is not None][:cfg.eval_examples]
+    if not val:
+        return {}
+    bar = progress(2 * len(val), "exact match (base, then adapter)", "example")
+    kw = {"match": matcher(cfg.data), "max_new_tokens": cfg.eval_max_new_tokens, "progress": bar.update}
+    with model.disable_adapter():
+        base_acc, _ = exact_match(model, tokenizer, val, **kw)
+    tuned_acc, answers = exact_match(model, tokenizer, val, **kw)
+    bar.close()
+    print(f"  validation exact match on {len(val)} examples: 4-bit base {100 * base_acc:.1f}% -> "
+          f"4-bit base + {method} {100 * tuned_acc:.1f}%")
+    return {"validation_examples": len(val), "validation_exact_match_base": base_acc,
+            "validation_exact_match_adapter": tuned_acc,
+            "validation_samples": [{"reference": s.reference, "answer": a}
+                                   for s, a in zip(val[:5], answers[:5], strict=True)]}
+
+
 def run(ctx: StageContext) -> None:
     import torch
     from accelerate import Accelerator
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from edgepeft.data import IGNORE, collate, encode, load_splits
-    from edgepeft.metrics import exact_match
-    from edgepeft.runtime import load_4bit, mb, peak_memory_bytes, progress
+    from edgepeft.models.pytorch import load_4bit, peak_memory_bytes
 
     cfg: TrainConfig = ctx.config
     adapter: AdapterConfig = ctx.recipe.adapter
@@ -207,15 +189,10 @@ def run(ctx: StageContext) -> None:
     say = print if main else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
 
-    qdir = ctx.input("quantize") / "model"
+    qdir = ctx.artifact("quantize")
     tokenizer = AutoTokenizer.from_pretrained(qdir)
-    splits = load_splits(cfg.data, cfg.validation_data, ctx.recipe.base_dir, seed=cfg.seed)
-    train = [encode(tokenizer, s, cfg.max_length) for s in splits["train"]]
-    train = [(ids, lab) for ids, lab in train if any(t != IGNORE for t in lab[1:])]
-    if not train:
-        raise EdgepeftError(f"[train] {cfg.data}: no example has tokens to learn from after tokenization")
-    if len(train) < cfg.batch_size:
-        raise EdgepeftError(f"[train] {cfg.data}: {len(train)} examples, fewer than batch_size {cfg.batch_size}")
+    splits = recipe_splits(ctx.recipe)
+    train = _encoded(tokenizer, splits["train"], cfg)
 
     model = load_4bit(qdir, accelerator.device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -250,15 +227,7 @@ def run(ctx: StageContext) -> None:
         idx = _batch_indices(len(train), cfg.batch_size * world, step, cfg.seed)[rank::world]
         batch = collate([train[i] for i in idx], tokenizer.pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        n = labels.shape[1]
-        has = (labels != IGNORE).any(0).nonzero()
-        keep = n - int(has[0]) + 1 if len(has) else 2  # positions whose logits predict a labelled token
-        keep = min(keep, n)
-        logits = model(**batch, logits_to_keep=keep).logits[:, :-1].float()
-        target = labels[:, n - keep + 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 ignore_index=IGNORE)
+        loss = _loss(model, batch)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -275,38 +244,24 @@ def run(ctx: StageContext) -> None:
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if main:
-        model.save_pretrained(ctx.out / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(ctx.out / "adapter")
+        model.save_pretrained(ctx.output, safe_serialization=True)
+        tokenizer.save_pretrained(ctx.output)
 
     figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,
-               "processes": world, "global_batch": cfg.batch_size * world, "lr": lr,
-               "steps": cfg.steps, "resumed_from_step": start, "loss_first": losses[0], "loss_last": losses[-1],
-               "loss_first10_mean": round(statistics.fmean(losses[:10]), 4),
-               "loss_last10_mean": round(statistics.fmean(losses[-10:]), 4), "losses": losses}
-    if step_times:
-        timed = step_times[1:] or step_times
-        figures.update(step_seconds_median=round(statistics.median(timed), 3),
-                       tokens_per_second=round(tokens / sum(step_times), 1))
-    figures["peak_memory_bytes"] = peak_memory_bytes()
+               "processes": world, "global_batch": cfg.batch_size * world, "lr": lr, "steps": cfg.steps,
+               "resumed_from_step": start, **_loss_figures(losses, step_times, tokens),
+               "peak_memory_bytes": peak_memory_bytes()}
     say(f"  loss {figures['loss_first10_mean']:.3f} -> {figures['loss_last10_mean']:.3f} (mean of first/last 10 "
         f"steps); {figures.get('step_seconds_median', float('nan')):.2f} s/step, "
         f"{figures.get('tokens_per_second', 0):.0f} tokens/s; peak memory {mb(figures['peak_memory_bytes'])}")
 
     if cfg.eval_examples > 0 and main:
-        val = [s for s in splits["validation"] if s.reference is not None][:cfg.eval_examples]
-        if val:
-            bar = progress(2 * len(val), "exact match (base, then adapter)", "example")
-            kw = {"match": matcher(cfg.data), "max_new_tokens": cfg.eval_max_new_tokens, "progress": bar.update}
-            with model.disable_adapter():
-                base_acc, _ = exact_match(model, tokenizer, val, **kw)
-            tuned_acc, answers = exact_match(model, tokenizer, val, **kw)
-            bar.close()
-            figures.update(validation_examples=len(val), validation_exact_match_base=base_acc,
-                           validation_exact_match_adapter=tuned_acc,
-                           validation_samples=[{"reference": s.reference, "answer": a}
-                                               for s, a in zip(val[:5], answers[:5], strict=True)])
-            print(f"  validation exact match on {len(val)} examples: 4-bit base {100 * base_acc:.1f}% -> "
-                  f"4-bit base + {adapter.method} {100 * tuned_acc:.1f}%")
+        figures.update(_validation(model, tokenizer, splits["validation"], cfg, adapter.method))
     ctx.figures.update(figures)
     if not math.isfinite(losses[-1]):
         raise EdgepeftError("[train] loss became NaN/inf; lower lr")
+
+
+STAGE = Stage("train", run, sections=("train", "adapter"), reads=("load", "quantize"),
+              files=lambda recipe: user_files(recipe, "train", "data", "validation_data"), preflight=preflight,
+              distributed=True, shared=True, description="train the adapter on the frozen 4-bit base")

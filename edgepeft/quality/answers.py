@@ -1,23 +1,35 @@
-"""Measurements shared by the stages: exact match of greedy answers, and agreement between two models'
-logits on the same text."""
+"""Task accuracy in PyTorch: greedy answers to a task's prompts and their exact match with the references
+(the task's own matcher: the built-in phone commands compare parsed JSON, other data the stripped text)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
-from edgepeft.data import Sample, collate, prompt_ids
+from edgepeft.calib import phone_commands
+from edgepeft.calib.data import BUILTIN_PREFIX, Sample, collate, prompt_ids
 
 
 def text_match(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
 
 
-@torch.no_grad()
+def matcher(data: str) -> Callable[[str, str], bool]:
+    """How answers to the recipe's ``[train] data`` are scored."""
+    if data == f"{BUILTIN_PREFIX}phone-commands":
+        return phone_commands.exact_match
+    return text_match
+
+
 def greedy_answers(model, tokenizer, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 48,
                    progress: Callable | None = None) -> list[str]:
     """Greedy answers to each sample's prompt, batched with left padding."""
+    import torch
+
+    with torch.no_grad():
+        return _greedy_answers(model, tokenizer, samples, batch_size, max_new_tokens, progress)
+
+
+def _greedy_answers(model, tokenizer, samples, batch_size, max_new_tokens, progress) -> list[str]:
     model.eval()
     dev = next(p for p in model.parameters()).device
     prompts = [prompt_ids(tokenizer, s) for s in samples]
@@ -45,19 +57,3 @@ def exact_match(model, tokenizer, samples: list[Sample], match: Callable[[str, s
     answers = greedy_answers(model, tokenizer, samples, **kwargs)
     hits = sum(match(a, s.reference) for a, s in zip(answers, samples, strict=True))
     return hits / len(samples), answers
-
-
-@torch.no_grad()
-def compare_logits(reference, candidate, windows: list[list[int]]) -> dict[str, float]:
-    """Largest absolute logit difference and next-token (argmax) agreement of candidate vs reference."""
-    reference.eval()
-    candidate.eval()
-    worst, agree, total = 0.0, 0, 0
-    for w in windows:
-        ids = torch.tensor([w])
-        a = reference(input_ids=ids.to(next(reference.parameters()).device)).logits.float().cpu()
-        b = candidate(input_ids=ids.to(next(candidate.parameters()).device)).logits.float().cpu()
-        worst = max(worst, (a - b).abs().max().item())
-        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
-        total += a.shape[1]
-    return {"max_logit_diff": worst, "next_token_agreement": agree / max(total, 1), "tokens": total}

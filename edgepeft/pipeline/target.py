@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgepeft.config import from_table, load_toml
-from edgepeft.errors import EdgepeftError
+from edgepeft.core.config import from_table, load_toml
+from edgepeft.core.errors import EdgepeftError
 
 FORMATS = ("onnx", "ort")
 # MatMulNBits' accuracy_level: the precision its kernels compute in. 4 = int8 activations (fast integer
@@ -23,6 +23,8 @@ ACCURACY_LEVEL = {"int8": 4, "fp32": 1}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
              "nnapi": "NnapiExecutionProvider", "coreml": "CoreMLExecutionProvider", "qnn": "QNNExecutionProvider",
              "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider", "webgpu": "WebGpuExecutionProvider"}
+# Mobile execution providers whose share of a graph the readiness report can assess (edgepeft.bundle.readiness)
+READINESS = ("nnapi", "coreml", "xnnpack")
 
 
 @dataclass
@@ -60,10 +62,10 @@ class Target:
     quantize_embedding: bool = True
     max_bundle_mb: float | None = None
     providers: list[str] = field(default_factory=lambda: ["cpu"])  # execution providers, preferred first
-    # Mobile execution providers the bundle's readiness report assesses (edgepeft.readiness): which nodes each
+    # Mobile execution providers the readiness report assesses (edgepeft.bundle.readiness): which nodes each
     # would take. Non-empty makes the target a mobile one; such a bundle must ship the ORT format.
     readiness: list[str] = field(default_factory=list)
-    # The device the estimate of on-device decode speed is made for (see edgepeft.costmodel):
+    # The device the estimate of on-device decode speed is made for (see edgepeft.latency.costmodel):
     device: str = ""
     device_memory_bandwidth_gbs: float | None = None  # DRAM peak, GB/s
     device_bandwidth_efficiency: float = 0.5  # share of the peak that CPU decoding reaches
@@ -81,11 +83,9 @@ class Target:
         unknown = [p for p in self.providers if p not in PROVIDERS]
         if unknown or not self.providers:
             return f"providers must be a non-empty list of {', '.join(PROVIDERS)} (got {self.providers})"
-        from edgepeft.readiness import CHECKERS
-
-        odd = [p for p in self.readiness if p not in CHECKERS]
+        odd = [p for p in self.readiness if p not in READINESS]
         if odd:
-            return f"readiness must list execution providers among {', '.join(CHECKERS)} (got {self.readiness})"
+            return f"readiness must list execution providers among {', '.join(READINESS)} (got {self.readiness})"
         if self.readiness and "ort" not in self.formats:
             return "a target with readiness checks is a mobile one and must ship the ORT format (formats = [\"ort\"])"
         if not 0 < self.device_bandwidth_efficiency <= 1:
@@ -117,7 +117,7 @@ def from_manifest(table: dict, where: str) -> Target:
 
 
 def search_dirs(base_dir: Path | None) -> list[Path]:
-    dirs = [Path.cwd() / "targets", Path(__file__).resolve().parents[1] / "targets"]  # last: the source tree
+    dirs = [Path.cwd() / "targets", Path(__file__).resolve().parents[2] / "targets"]  # last: the source tree
     if base_dir is not None:
         dirs.insert(0, base_dir.parent / "targets")  # export/android.toml -> targets/
         dirs.insert(0, base_dir / "targets")

@@ -1,36 +1,13 @@
-"""Small shared helpers for the PyTorch stages: device choice, memory figures, 4-bit loading."""
+"""PyTorch helpers for the stages that run the model in PyTorch: device choice, memory figures, loading the
+quantize stage's 4-bit folder, and the exact dequantized copy of it that the adapter is merged into."""
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-
-from edgepeft.ui import mb, progress  # noqa: F401  (re-exported for the stages)
-
-
-def quiet() -> None:
-    """Silence the noise heavy libraries print at import or load time; keep real errors."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*kernels.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*legacy.*")
-    import logging
-
-    for name in ("transformers", "bitsandbytes", "peft", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def device() -> torch.device:
@@ -81,3 +58,24 @@ def load_4bit(path: Path, on: torch.device | None = None):
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
+def dequantized_model(qdir):
+    """A plain fp32 model holding the exact dequantized 4-bit weights of the quantize stage's output."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    q = load_4bit(qdir, torch.device("cpu"))
+    q.dequantize()
+    state = {k: v.detach().to(torch.float32) for k, v in q.state_dict().items()}
+    config = AutoConfig.from_pretrained(qdir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantized weights do not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    return plain.eval()

@@ -27,7 +27,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from edgepeft.errors import EdgepeftError, first_line
+from edgepeft.core.errors import EdgepeftError, first_line
+from edgepeft.onnx.decoder import Decoder, options
+from edgepeft.onnx.ortformat import ORT_CONFIG
+from edgepeft.pipeline.target import READINESS
 
 FORMAT = "edgepeft-readiness/1"
 FOLDER = "readiness"
@@ -72,10 +75,10 @@ class _XnnpackChecker:
 
 
 def _ort_table(name: str):
-    import onnxruntime.tools.mobile_helpers as helpers
-    from onnxruntime.tools.mobile_helpers.usability_checker import _SupportedOpsChecker
-
     def make(initializers, value_info):
+        import onnxruntime.tools.mobile_helpers as helpers
+        from onnxruntime.tools.mobile_helpers.usability_checker import _SupportedOpsChecker
+
         return _SupportedOpsChecker(Path(helpers.__file__).parent / name)
     return make
 
@@ -86,6 +89,7 @@ CHECKERS = {
     "coreml": ("CoreML (ML Program)", _ort_table("coreml_supported_mlprogram_ops.md"), 5),
     "xnnpack": ("XNNPACK", _XnnpackChecker, 999),
 }
+assert tuple(CHECKERS) == READINESS, "a target may name exactly the providers this module can assess"
 
 
 def ort_graph(ort_file: Path):
@@ -201,13 +205,7 @@ def load_check(ort_file: Path, genai_config: Path, onnx_file: Path | None = None
     import numpy as np
     import onnxruntime as ort
 
-    from edgepeft.onnx_model import Decoder
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.add_session_config_entry("session.load_model_format", "ORT")
-    so.add_session_config_entry("session.use_ort_model_bytes_directly", "1")
+    so = options(optimize=False, from_ort_bytes=True)
     data = Path(ort_file).read_bytes()
     t0 = time.perf_counter()
     try:
@@ -240,7 +238,6 @@ def check(bundle: Path, model_file: str, providers: list[str], load: dict | None
     load = load or load_check(ort_file, bundle / "genai_config.json")
     result = {"format": FORMAT, "model_file": model_file, "load": load}
     graph, header = ort_graph(ort_file)
-    from edgepeft.stages.bundle import ORT_CONFIG
 
     ops = Counter(op_key(n) for n in graph.node)
     config = bundle / ORT_CONFIG

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft.pipeline.target import PROVIDERS
+
 
 def resolve_providers(names: list[str]) -> tuple[list[str], list[str]]:
     """onnxruntime provider names for a target's preference list, and a warning for each one this
     onnxruntime build lacks. The CPU provider always ends the list (it runs whatever the others do not)."""
     import onnxruntime as ort
-
-    from edgepeft.target import PROVIDERS
 
     available = ort.get_available_providers()
     chosen, warnings = [], []
@@ -38,8 +38,12 @@ def resolve_providers(names: list[str]) -> tuple[list[str], list[str]]:
     return chosen, warnings
 
 
-def session(path: Path | bytes, threads: int | None = None, providers: list[str] | None = None):
-    """An ONNX Runtime session on the CPU (or ``providers``) from a model file or serialized model bytes."""
+def options(threads: int | None = None, optimize: bool = True, save_ort: Path | None = None,
+            from_ort_bytes: bool = False):
+    """ONNX Runtime session options, the one place they are made: quiet, sequential, ``threads`` intra-op
+    threads (one inter-op); ``optimize=False`` turns the graph optimizer off; ``save_ort`` writes the
+    optimized graph in ORT format there; ``from_ort_bytes`` loads an ORT-format model from bytes as a
+    minimal (mobile) build does."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -48,6 +52,22 @@ def session(path: Path | bytes, threads: int | None = None, providers: list[str]
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if save_ort is not None:
+        so.optimized_model_filepath = str(save_ort)
+        so.add_session_config_entry("session.save_model_format", "ORT")
+    if from_ort_bytes:
+        so.add_session_config_entry("session.load_model_format", "ORT")
+        so.add_session_config_entry("session.use_ort_model_bytes_directly", "1")
+    return so
+
+
+def session(path: Path | bytes, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session on the CPU (or ``providers``) from a model file or serialized model bytes."""
+    import onnxruntime as ort
+
+    so = options(threads)
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
 
@@ -87,31 +107,6 @@ class Decoder:
         """Logits for one more token (the cache holds ``total - 1`` tokens) and the grown cache."""
         logits, cache = self._run(np.asarray([[token]], np.int64), cache, total)
         return logits[-1], cache
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    m = logits.max(-1, keepdims=True)
-    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-
-
-def perplexity(logits_per_window: list[np.ndarray], windows: list[list[int]]) -> float:
-    nll, n = 0.0, 0
-    for logits, ids in zip(logits_per_window, windows, strict=True):
-        lp = log_softmax(logits[:-1])
-        nll -= lp[np.arange(len(ids) - 1), ids[1:]].sum()
-        n += len(ids) - 1
-    return float(np.exp(nll / max(n, 1)))
-
-
-def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
-    """Largest absolute logit difference and next-token (argmax) agreement, over matching windows."""
-    worst, agree, total = 0.0, 0, 0
-    for a, b in zip(reference, candidate, strict=True):
-        worst = max(worst, float(np.abs(a - b).max()))
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        total += a.shape[0]
-    return {"max_logit_diff": worst, "next_token_agreement": agree / max(total, 1), "tokens": total}
 
 
 def decode_logits(decoder: Decoder, ids: list[int], prompt: int) -> np.ndarray:

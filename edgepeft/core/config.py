@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgepeft.errors import EdgepeftError
+from edgepeft.core.errors import EdgepeftError
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """How far the latency gate can be trusted on this machine: false alarms and detections, measured.
 
-    python -m edgepeft.gate_study dist/android [--runs 10]      (``nox -s latency-study``)
+    python -m edgepeft.latency.study dist/android [--runs 10]      (``nox -s latency-study``)
 
 Records a baseline for the run's bundle, then runs the gate ``--runs`` times on the unchanged bundle on a
 quiet machine and ``--runs`` times while another process keeps one core busy (a pure-Python busy loop),
@@ -29,16 +29,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgepeft.bundle.manifest import read_manifest
+from edgepeft.latency.check import check
+from edgepeft.onnx.decoder import options
+from edgepeft.onnx.mixed import quantize
+from edgepeft.onnx.ortformat import to_ort
+from edgepeft.pipeline.layout import RunDir
+from edgepeft.pipeline.target import from_manifest
 
-def _regressed(bundle: Path, run_dir: Path, work: Path, target) -> dict[str, Path]:
+
+def _regressed(bundle: Path, run: RunDir, work: Path, target) -> dict[str, Path]:
     import onnxruntime as ort
 
-    from edgepeft.bundle import read_manifest
-    from edgepeft.stages.bundle import to_ort
-    from edgepeft.stages.requantize import quantize
-
     model_file = read_manifest(bundle)["model_file"]
-    fp32 = run_dir / "export" / "model" / "model.onnx"
+    fp32 = run.artifact("export") / "model.onnx"
     out = {}
     variants = {"fp32 activations": {"activations": "fp32"}, "int4 block 16": {"block_size": 16},
                 "int8 weights": {"weights": "int8"}, "no weight quantization": None}
@@ -54,17 +58,13 @@ def _regressed(bundle: Path, run_dir: Path, work: Path, target) -> dict[str, Pat
         out[label] = dst
     dst = work / "no-graph-optimizations"
     shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("model.*", "profile*"))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.optimized_model_filepath = str(dst / model_file)
-    so.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(run_dir / "requantize" / "model" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(run.artifact("requantize") / "model.onnx"),
+                         options(optimize=False, save_ort=dst / model_file), providers=["CPUExecutionProvider"])
     out["no graph optimizations"] = dst
     return out
 
 
 def _gate(bundle: Path, baseline: Path) -> tuple[int, dict]:
-    from edgepeft.gate import check
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -89,19 +89,17 @@ def busy_core(on: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgepeft.bundle import read_manifest
-    from edgepeft.gate import check
-    from edgepeft.target import from_manifest
 
-    p = argparse.ArgumentParser(prog="python -m edgepeft.gate_study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m edgepeft.latency.study", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="a finished run folder, e.g. dist/android")
     p.add_argument("--runs", type=int, default=10, help="gate runs per condition on the unchanged bundle")
     args = p.parse_args(argv)
-    bundles = sorted((args.run_dir / "bundle").glob("*/manifest.json"))
+    run = RunDir(args.run_dir)
+    bundles = run.bundles()
     if not bundles:
         print(f"gate_study: error: {args.run_dir} has no finished bundle", file=sys.stderr)
         return 2
-    bundle = bundles[0].parent
+    bundle = bundles[0]
     manifest = read_manifest(bundle)
     target = from_manifest(manifest["target"], "manifest [target]")
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = work / "baseline.json"
         check(bundle, baseline, update=True)
         print("building regressed copies of the bundle ...", flush=True)
-        regressed = _regressed(bundle, args.run_dir, work, target)
+        regressed = _regressed(bundle, run, work, target)
         plan = [("unchanged, quiet", bundle, False, args.runs), ("unchanged, one core busy", bundle, True, args.runs)]
         for label, path in regressed.items():
             plan += [(f"{label}, quiet", path, False, 1), (f"{label}, one core busy", path, True, 1)]

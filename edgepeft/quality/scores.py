@@ -18,7 +18,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepeft.onnx_model import log_softmax
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+def perplexity(logits_per_window: list[np.ndarray], windows: list[list[int]]) -> float:
+    nll, n = 0.0, 0
+    for logits, ids in zip(logits_per_window, windows, strict=True):
+        lp = log_softmax(logits[:-1])
+        nll -= lp[np.arange(len(ids) - 1), ids[1:]].sum()
+        n += len(ids) - 1
+    return float(np.exp(nll / max(n, 1)))
+
+
+def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
+    """Largest absolute logit difference and next-token (argmax) agreement, over matching windows."""
+    worst, agree, total = 0.0, 0, 0
+    for a, b in zip(reference, candidate, strict=True):
+        worst = max(worst, float(np.abs(a - b).max()))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+    return {"max_logit_diff": worst, "next_token_agreement": agree / max(total, 1), "tokens": total}
 
 
 @dataclass

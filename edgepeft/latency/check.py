@@ -35,7 +35,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgepeft.errors import EdgepeftError
+from edgepeft.bundle.manifest import MANIFEST, read_manifest
+from edgepeft.core.console import progress
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.core.files import sha256_file, write_atomic
+from edgepeft.latency.profile import machine, variant_of
+from edgepeft.onnx.decoder import Decoder, random_prompt, session, timed_generation
 
 FORMAT = "edgepeft-latency-baseline/1"
 REFERENCE = {"name": "int4-matmulnbits-chain/1", "layers": 24, "hidden": 1024, "ffn": 3072, "block_size": 32,
@@ -121,9 +126,6 @@ def measure(model_file: Path, genai_config: Path, settings: GateSettings, progre
     """Interleaved rounds of the bundle and the reference; per-metric ratio samples and absolute medians."""
     import numpy as np
 
-    from edgepeft.onnx_model import Decoder, random_prompt, session, timed_generation
-    from edgepeft.ui import progress
-
     s = settings
     dec = Decoder(model_file, s.threads, genai_config)
     if dec.context_length and s.context + s.decode_tokens > dec.context_length:
@@ -190,8 +192,6 @@ def read_baseline(path: Path) -> dict:
 
 def _model_of(folder: Path) -> tuple[Path, Path, str]:
     """A bundle (its manifest names the model), or any folder with a model and its genai_config.json."""
-    from edgepeft.bundle import MANIFEST, read_manifest
-    from edgepeft.profile import variant_of
 
     if (Path(folder) / MANIFEST).is_file():
         manifest = read_manifest(folder)
@@ -203,9 +203,6 @@ def _model_of(folder: Path) -> tuple[Path, Path, str]:
 def check(bundle: Path, baseline_path: Path, update: bool = False, rounds: int | None = None,
           tolerance: float | None = None, echo=print) -> int:
     """Run the gate; returns the exit status (0 pass, 1 regression). ``update`` records a new baseline."""
-    from edgepeft.pipeline import write_atomic
-    from edgepeft.profile import machine
-    from edgepeft.sources import sha256_file
 
     bundle, baseline_path = Path(bundle), Path(baseline_path)
     model_file, genai_config, name = _model_of(bundle)

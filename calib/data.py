@@ -19,10 +19,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft.errors import EdgepeftError
+from edgepeft.calib import phone_commands
+
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.core.files import BUILTIN_PREFIX, resolve_path
 
 IGNORE = -100
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_TASKS = ("phone-commands",)
 
 
@@ -93,18 +95,10 @@ def builtin_splits(name: str, sizes: dict[str, int] | None = None, seed: int = 0
     if name != "phone-commands":
         raise EdgepeftError(f"unknown built-in data {BUILTIN_PREFIX}{name} (known: "
                             + ", ".join(BUILTIN_PREFIX + t for t in BUILTIN_TASKS) + ")")
-    from edgepeft.calib import phone_commands
 
     splits = phone_commands.generate(sizes, seed)
     return {k: [Sample(messages=tuple((m["role"], m["content"]) for m in ex.messages())) for ex in v]
             for k, v in splits.items()}
-
-
-def resolve_path(spec: str, base_dir: Path | None) -> Path:
-    path = Path(spec).expanduser()
-    if not path.is_absolute() and base_dir is not None and not path.exists():
-        path = base_dir / path
-    return path
 
 
 def load_splits(data: str, validation: str | None, base_dir: Path | None, seed: int = 0,
@@ -123,6 +117,13 @@ def load_splits(data: str, validation: str | None, base_dir: Path | None, seed: 
     held = set(order[:n_val])
     return {"train": [s for i, s in enumerate(train) if i not in held],
             "validation": [s for i, s in enumerate(train) if i in held]}
+
+
+def recipe_splits(recipe) -> dict[str, list[Sample]]:
+    """The splits of a recipe's ``[train]`` data (``data``, ``validation_data``, ``seed``), relative paths read
+    next to the recipe: the one way every stage and check gets them."""
+    t = recipe.train
+    return load_splits(t.data, t.validation_data, recipe.base_dir, seed=t.seed)
 
 
 def _chat(tokenizer, messages, add_generation_prompt: bool) -> str:

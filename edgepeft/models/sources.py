@@ -7,13 +7,12 @@ never set, so loading a model cannot run code that came with it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft.errors import EdgepeftError
+from edgepeft.core.errors import EdgepeftError
 
 # Causal LMs whose decoder block is the Llama shape (RMSNorm, rotary attention with grouped KV heads,
 # gated MLP with q/k/v/o and gate/up/down projections). SmolLM checkpoints are model_type "llama".
@@ -118,27 +117,6 @@ def check_architecture(config, spec: str) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise EdgepeftError(f"{spec}: model type {model_type!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)} causal LMs)")
-
-
-def _feed(h, path: Path, chunk: int = 1 << 22) -> None:
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """One hash over several files, their names included."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        _feed(h, p)
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    _feed(h, path)
-    return h.hexdigest()
 
 
 def load_tokenizer(source: ModelSource):

@@ -13,7 +13,7 @@ How it measures:
   tokens after it through the KV cache, timing every step (batch 1, greedy). Rounds of all variants
   alternate, so a drift of the machine's speed hits them alike; the first ``warmup`` rounds are dropped.
   Prefill: median and p90 over rounds; decode: median and p90 over every timed step of every round.
-- The floor of decode (``edgepeft.costmodel``): weight bytes a step reads plus the KV cache, over this
+- The floor of decode (``edgepeft.latency.costmodel``): weight bytes a step reads plus the KV cache, over this
   machine's read bandwidth measured at the same thread count; ``measured / floor`` says how much of the
   memory's speed the runtime uses. The target's device bandwidth turns the same model into an estimate.
 """
@@ -29,7 +29,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepeft.errors import EdgepeftError, first_line
+from edgepeft.bundle.manifest import add_section, open_for_update
+from edgepeft.core.config import from_table
+from edgepeft.core.console import progress
+from edgepeft.core.errors import EdgepeftError, first_line
+from edgepeft.core.files import write_atomic
+from edgepeft.latency import costmodel
+from edgepeft.onnx.decoder import Decoder, random_prompt, resolve_providers, timed_generation
+from edgepeft.pipeline import target as target_mod
 
 FORMAT = "edgepeft-profile/1"
 FILES = ("report.md", "profile.json", "decode.png", "prefill.png")
@@ -95,8 +102,6 @@ def _worker(conn, model_file: str, genai_config: str, threads: int, providers: l
     try:
         import numpy as np
         import onnxruntime  # noqa: F401  (imported before the baseline: its libraries are not the model's)
-
-        from edgepeft.onnx_model import Decoder, random_prompt, resolve_providers, timed_generation
 
         rss0 = _rss_now()
         chosen, warnings = resolve_providers(providers)
@@ -176,8 +181,6 @@ def _pct(xs: list[float], q: float) -> float:
 
 def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | None = None) -> dict:
     """Profile ``variants`` under ``target``'s session settings; the results as a JSON-able dict."""
-    from edgepeft import costmodel
-    from edgepeft.ui import progress
 
     warnings: list[str] = []
     if not threads:
@@ -367,14 +370,17 @@ def _markdown(result: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: dict, folder: Path, title: str, name: str | None = None) -> dict:
-    """Write report.md, profile.json and the plots into ``folder`` (to be known as ``name`` inside the
-    bundle); returns the manifest's reference to them."""
-    name = name or folder.name
+def write_report(result: dict, folder: Path, title: str) -> dict:
+    """Write report.md, profile.json and the plots into ``folder``; returns the manifest's reference to them."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
     _plots(result, folder)
     (folder / "report.md").write_text(_markdown(result, title))
+    return report_entry(result, folder.name)
+
+
+def report_entry(result: dict, name: str) -> dict:
+    """The manifest's reference to a report written into the bundle's folder ``name``."""
     return {"target": result["target"], "report": f"{name}/report.md", "data": f"{name}/profile.json",
             "plots": [f"{name}/decode.png", f"{name}/prefill.png"]}
 
@@ -411,10 +417,6 @@ def variant_of(path: Path, label: str | None = None) -> Variant:
 
 def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: str | None = None,
                    compare: list[Path] = (), json_out: Path | None = None, write: bool = True) -> dict:
-    from edgepeft import target as target_mod
-    from edgepeft.bundle import open_for_update, reseal
-    from edgepeft.config import from_table
-    from edgepeft.pipeline import replace_dir, write_atomic
 
     bundle = Path(bundle)
     manifest = open_for_update(bundle)
@@ -435,9 +437,8 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
         write_atomic(Path(json_out), json.dumps(result, indent=2) + "\n")
     if write:
         folder = "profile" if own else f"profile-{target.name}"
-        tmp = bundle / f".{folder}.tmp"
-        ref = write_report(result, tmp, manifest["name"], folder)
-        replace_dir(tmp, bundle / folder)
-        reseal(bundle, manifest, profiles={**manifest.get("profiles", {}), folder: ref})
-        result["written_to"] = str(bundle / folder)
+        ref = report_entry(result, folder)
+        written = add_section(bundle, manifest, folder, lambda tmp: write_report(result, tmp, manifest["name"]),
+                              profiles={**manifest.get("profiles", {}), folder: ref})
+        result["written_to"] = str(written)
     return result

@@ -6,11 +6,11 @@ greedy, after a prompt) and prefill time of the prompt, all at the target's thre
 measured interleaved, round after round, and the median per variant reported, because these shared
 machines drift by ±15% over minutes. Ratios are edgepeft / builder: below 1 is better.
 
-Each row also gets its physical floor (``edgepeft.costmodel``): the weight bytes a decode step reads
+Each row also gets its physical floor (``edgepeft.latency.costmodel``): the weight bytes a decode step reads
 plus the KV cache, over this machine's memory read bandwidth measured at the same thread count in the
 same run; measured / floor says how much of the memory's speed each variant uses.
 
-    python -m edgepeft.bench dist/android [--rounds 5]
+    python -m edgepeft.latency.bench dist/android [--rounds 5]
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from edgepeft.bundle.manifest import read_manifest
+from edgepeft.latency import costmodel
+from edgepeft.onnx.builder import build_onnx
+from edgepeft.onnx.decoder import Decoder, latency
+from edgepeft.pipeline.layout import RunDir
 
 
 def torch_latency(model_dir: Path, threads: int, prompt_tokens: int, decode_tokens: int):
@@ -49,39 +55,34 @@ def torch_latency(model_dir: Path, threads: int, prompt_tokens: int, decode_toke
 
 
 def ort_latency(model_file: Path, genai_config: Path, threads: int, prompt_tokens: int, decode_tokens: int):
-    from edgepeft.onnx_model import Decoder, latency
 
     dec = Decoder(model_file, threads, genai_config)
     return lambda: latency(dec, prompt_tokens, decode_tokens, repeats=1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgepeft.bundle import read_manifest
-    from edgepeft.stages.export import build_onnx
-
-    p = argparse.ArgumentParser(prog="python -m edgepeft.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m edgepeft.latency.bench", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="a finished run folder, e.g. dist/android")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
     args = p.parse_args(argv)
 
-    bundles = sorted((args.run_dir / "bundle").glob("*/manifest.json"))
-    merged = args.run_dir / "merge" / "model"
+    run = RunDir(args.run_dir)
+    bundles = run.bundles()
+    merged = run.artifact("merge")
     if not bundles or not merged.is_dir():
         print(f"edgepeft bench: error: {args.run_dir} has no finished bundle (run `nox -s export-android` first)",
               file=sys.stderr)
         return 2
-    bundle = bundles[0].parent
+    bundle = bundles[0]
     manifest = read_manifest(bundle)
     threads = manifest["target"]["threads"]
-    builder_dir = args.run_dir / ".bench" / "builder-int4"
+    builder_dir = run.scratch("bench") / "builder-int4"
     if not (builder_dir / "model.onnx").is_file():
         print("building the reference: onnxruntime-genai model builder, int4, CPU ...", flush=True)
-        seconds = build_onnx(merged, builder_dir, "int4", cache_dir=args.run_dir / ".bench" / "cache")
+        seconds = build_onnx(merged, builder_dir, "int4", cache_dir=run.scratch("bench") / "cache")
         print(f"  built in {seconds:.1f} s")
-
-    from edgepeft import costmodel
 
     def size(files):
         return sum(f.stat().st_size for f in files)

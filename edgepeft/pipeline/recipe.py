@@ -10,26 +10,29 @@ target, and stays so when the Android recipe changes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgepeft import target as target_mod
-from edgepeft.config import from_table, load_toml
-from edgepeft.errors import EdgepeftError
-from edgepeft.profile import ProfileConfig
-from edgepeft.stages.bundle import BundleConfig
-from edgepeft.stages.evaluate import EvaluateConfig
-from edgepeft.stages.export import ExportConfig
-from edgepeft.stages.load import ModelConfig
-from edgepeft.stages.merge import MergeConfig
-from edgepeft.stages.quantize import QuantizeConfig
-from edgepeft.stages.requantize import RequantizeConfig
-from edgepeft.stages.train import AdapterConfig, TrainConfig
-from edgepeft.target import Target
+from edgepeft.core.config import from_table, load_toml
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.pipeline import target as target_mod
+from edgepeft.pipeline.tables import (
+    TABLES,
+    AdapterConfig,
+    BundleConfig,
+    EvaluateConfig,
+    ExportConfig,
+    MergeConfig,
+    ModelConfig,
+    ProfileConfig,
+    QuantizeConfig,
+    RequantizeConfig,
+    TrainConfig,
+)
+from edgepeft.pipeline.target import Target
 
-SECTIONS = {"model": ModelConfig, "quantize": QuantizeConfig, "adapter": AdapterConfig, "train": TrainConfig,
-            "merge": MergeConfig, "export": ExportConfig, "requantize": RequantizeConfig, "bundle": BundleConfig,
-            "profile": ProfileConfig, "evaluate": EvaluateConfig}
+SECTIONS = TABLES
 DEFAULT_TARGET = "android-arm64"
 
 
@@ -115,3 +118,17 @@ def load(path: str | Path) -> Recipe:
     if path.suffix != ".toml" and not path.exists() and (Path("export") / f"{path}.toml").is_file():
         path = Path("export") / f"{path}.toml"  # `edgepeft run android` finds export/android.toml
     return parse(resolve_extends(load_toml(path), path), str(path), path.resolve())
+
+
+def from_manifest(manifest: dict, where: str) -> Recipe:
+    """The recipe a bundle was made with, from its manifest (``where`` names it in errors; keys this edgepeft
+    does not know are left out)."""
+    rec = manifest.get("recipe", {})
+    sections = {}
+    for key, cls in SECTIONS.items():
+        known = {f.name for f in dataclasses.fields(cls)}
+        table = {k: v for k, v in (rec.get(key) or {}).items() if k in known}
+        sections[key] = from_table(cls, table, f"{where} [recipe.{key}]")
+    path = Path(rec["path"]) if rec.get("path") else None
+    return Recipe(name=rec.get("name", "bundle"), path=path,
+                  target=target_mod.from_manifest(manifest["target"], f"{where} [target]"), **sections)

@@ -8,18 +8,21 @@ canonical JSON, so a changed byte anywhere in the bundle, manifest included, fai
 Reading a bundle never leaves it: manifest paths must be plain relative paths inside the folder, and
 symbolic links are refused.
 
-``Runner`` runs a bundle with onnxruntime-genai alone: the tokenizer, chat template and model files in the
-folder, no PyTorch or transformers.
+A finished bundle gains sections later (``profile/`` from ``edgepeft profile``, ``quality/`` from the quality
+gate) through ``add_section`` alone: the bundle is checked against its manifest first, the section is
+written beside it and swapped in whole, and the manifest re-sealed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import shutil
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from edgepeft.errors import EdgepeftError, first_line
+from edgepeft.core.errors import EdgepeftError
+from edgepeft.core.files import file_table, replace_dir, sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "edgepeft-bundle/1"
@@ -35,8 +38,7 @@ def seal(manifest: dict) -> bytes:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    from edgepeft.pipeline import file_table, write_atomic
-
+    """Seal ``manifest`` with the table of every other file in ``folder`` and write it."""
     files = {k: v for k, v in file_table(folder).items() if k != MANIFEST}
     write_atomic(folder / MANIFEST, seal({**manifest, "format": FORMAT, "files": files}))
 
@@ -44,8 +46,6 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 def adapter_sha256(adapter_dir: Path) -> str:
     """The adapter's hash a manifest records: over its files' names and sha256s, so the run folder a bundle
     was made in can be matched to it."""
-    from edgepeft.pipeline import file_table
-
     h = hashlib.sha256()
     for rel, entry in sorted(file_table(adapter_dir).items()):
         h.update(f"adapter/{rel}\0{entry['sha256']}\n".encode())
@@ -66,6 +66,24 @@ def reseal(folder: Path, manifest: dict, **entries) -> None:
     """Re-hash the bundle's files and seal ``manifest`` with ``entries`` set (after files were added)."""
     body = {k: v for k, v in manifest.items() if k not in ("files", "format", "manifest_sha256")}
     write_manifest(folder, {**body, **entries})
+
+
+def add_section(folder: Path, manifest: dict, name: str, fill: Callable[[Path], None], **entries) -> Path:
+    """Put the folder ``name`` into a sealed bundle whose ``manifest`` came from ``open_for_update``: ``fill``
+    writes into a temporary folder beside it, which then replaces ``folder/name`` whole, and the manifest is
+    re-sealed with ``entries`` set. Returns the section's folder."""
+    folder = Path(folder)
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, folder / name)
+    reseal(folder, manifest, **entries)
+    return folder / name
 
 
 def _safe(folder: Path, rel: str) -> Path:
@@ -92,18 +110,18 @@ def read_manifest(folder: Path) -> dict:
         raise EdgepeftError(f"{path}: not an {FORMAT} manifest")
     for rel in manifest["files"]:
         _safe(folder, rel)
-    manifest["_raw"] = raw
     return manifest
 
 
-def check_files(folder: Path, manifest: dict) -> list[str]:
-    """Every problem found by re-hashing the bundle against its manifest (empty: intact)."""
-    from edgepeft.sources import sha256_file
-
+def check_files(folder: Path, manifest: dict | None = None) -> list[str]:
+    """Every problem found by re-hashing the bundle against its manifest (empty: intact). The manifest file
+    is read again for its self-hash, whatever ``manifest`` (the parsed one, to save a reading) says."""
     folder = Path(folder)
+    if manifest is None:
+        manifest = read_manifest(folder)
     problems = []
-    raw = manifest.pop("_raw", None)
-    if raw is not None and raw != seal(manifest):
+    raw = (folder / MANIFEST).read_bytes()
+    if raw != seal(json.loads(raw)) or json.loads(raw) != manifest:
         problems.append(f"{MANIFEST}: altered (its content does not match its own manifest_sha256)")
     listed = manifest["files"]
     for rel, entry in sorted(listed.items()):
@@ -121,72 +139,3 @@ def check_files(folder: Path, manifest: dict) -> list[str]:
         if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in listed:
             problems.append(f"{rel}: not listed in the manifest")
     return problems
-
-
-@dataclass
-class Answer:
-    text: str
-    tokens: int
-    seconds: float
-
-
-class Runner:
-    """Generate from a bundle with onnxruntime-genai only."""
-
-    def __init__(self, folder: Path, manifest: dict | None = None):
-        import onnxruntime_genai as og
-
-        self.folder = Path(folder)
-        self.manifest = manifest if manifest is not None else read_manifest(self.folder)
-        try:
-            self.model = og.Model(str(self.folder))
-        except Exception as e:  # the runtime's own message, on one line
-            raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first_line(e)}") from None
-        self.tokenizer = og.Tokenizer(self.model)
-        self.og = og
-
-    def prompt_ids(self, messages: list[tuple[str, str]] | None = None, text: str | None = None) -> list[int]:
-        if messages is not None:
-            chat = json.dumps([{"role": r, "content": c} for r, c in messages])
-            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
-        return [int(t) for t in self.tokenizer.encode(text)]
-
-    def generate(self, ids: list[int], max_new_tokens: int = 48) -> Answer:
-        import time
-
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = self.og.Generator(self.model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(ids)
-        out = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        seconds = time.perf_counter() - t0
-        stops = set(self.manifest.get("prompt", {}).get("stop_token_ids", []))
-        while out and out[-1] in stops:
-            out.pop()
-        return Answer(self.tokenizer.decode(out), len(out), seconds)
-
-    def chat(self, user: str, system: str | None = None, max_new_tokens: int = 48) -> Answer:
-        if system is None:
-            system = self.manifest.get("prompt", {}).get("system")
-        messages = ([("system", system)] if system else []) + [("user", user)]
-        return self.generate(self.prompt_ids(messages), max_new_tokens)
-
-
-def verify(folder: Path, generate_tokens: int = 8) -> tuple[list[str], str | None]:
-    """(problems, sample output): re-hash every file, then load the model and generate a few tokens."""
-    manifest = read_manifest(folder)
-    problems = check_files(folder, manifest)
-    if problems:
-        return problems, None
-    try:
-        runner = Runner(folder, manifest)
-        answer = runner.chat("Hello", max_new_tokens=generate_tokens)
-    except EdgepeftError as e:
-        return [str(e)], None
-    if answer.tokens == 0:
-        return ["the model generated no tokens"], None
-    return [], answer.text

@@ -1,0 +1,79 @@
+"""Running a bundle with onnxruntime-genai alone: the tokenizer, chat template and model files in the
+folder, no PyTorch or transformers. ``verify`` re-hashes a bundle and generates from it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepeft.bundle.manifest import check_files, read_manifest
+from edgepeft.core.errors import EdgepeftError, first_line
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+    seconds: float
+
+
+class Runner:
+    """Generate from a bundle with onnxruntime-genai only."""
+
+    def __init__(self, folder: Path, manifest: dict | None = None):
+        import onnxruntime_genai as og
+
+        self.folder = Path(folder)
+        self.manifest = manifest if manifest is not None else read_manifest(self.folder)
+        try:
+            self.model = og.Model(str(self.folder))
+        except Exception as e:  # the runtime's own message, on one line
+            raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first_line(e)}") from None
+        self.tokenizer = og.Tokenizer(self.model)
+        self.og = og
+
+    def prompt_ids(self, messages: list[tuple[str, str]] | None = None, text: str | None = None) -> list[int]:
+        if messages is not None:
+            chat = json.dumps([{"role": r, "content": c} for r, c in messages])
+            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def generate(self, ids: list[int], max_new_tokens: int = 48) -> Answer:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        out = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        seconds = time.perf_counter() - t0
+        stops = set(self.manifest.get("prompt", {}).get("stop_token_ids", []))
+        while out and out[-1] in stops:
+            out.pop()
+        return Answer(self.tokenizer.decode(out), len(out), seconds)
+
+    def chat(self, user: str, system: str | None = None, max_new_tokens: int = 48) -> Answer:
+        if system is None:
+            system = self.manifest.get("prompt", {}).get("system")
+        messages = ([("system", system)] if system else []) + [("user", user)]
+        return self.generate(self.prompt_ids(messages), max_new_tokens)
+
+
+def verify(folder: Path, generate_tokens: int = 8) -> tuple[list[str], str | None]:
+    """(problems, sample output): re-hash every file, then load the model and generate a few tokens."""
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest)
+    if problems:
+        return problems, None
+    try:
+        runner = Runner(folder, manifest)
+        answer = runner.chat("Hello", max_new_tokens=generate_tokens)
+    except EdgepeftError as e:
+        return [str(e)], None
+    if answer.tokens == 0:
+        return ["the model generated no tokens"], None
+    return [], answer.text

@@ -1,0 +1,42 @@
+"""onnxruntime-genai's model builder, the exporter: a Hugging Face folder to an ONNX decoder with a KV
+cache and the ``genai_config.json`` onnxruntime-genai runs it from. It writes attention as one
+``GroupQueryAttention`` op with the rotary embedding and the cache update inside, packs q/k/v into one MatMul
+and fuses the residual adds into the norms; why it was chosen over the other exporters is in
+docs/measurements.md. Run in a subprocess: it prints a lot and holds its memory until it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from edgepeft.core.errors import EdgepeftError
+
+EXPORTER = "onnxruntime-genai model builder"
+
+
+def build_onnx(model_dir, out_dir, precision: str = "fp32", cache_dir=None, extra: dict | None = None) -> float:
+    """Run the model builder on a Hugging Face folder; returns its seconds. Fails with the builder's last
+    line if it fails."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
+           "-p", precision, "-e", "cpu", "-c", str(cache_dir or (out_dir.parent / ".builder-cache"))]
+    if extra:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
+        raise EdgepeftError(f"[export] the ONNX model builder failed: {lines[-1] if lines else 'no output'}")
+    return time.time() - t0
+
+
+def opset_of(model_file) -> int:
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+

@@ -1,0 +1,80 @@
+"""Graph rewrites on quantized decoders: the tied embedding read through the output head's quantized
+weights (``GatherBlockQuantized``), and an untied embedding table quantized on its own.
+
+When the model ties the token embedding to the output head (SmolLM2 does), the exported graph reads the
+table as a Transpose of the head's weight. After quantization the head's blocks run along the hidden axis,
+which is exactly what ``GatherBlockQuantized`` reads for a row lookup, so the embedding becomes a
+GatherBlockQuantized over the head's own quantized weight: the table is stored once, at the head's
+precision. An untied table is quantized on its own (round-to-nearest, ONNX Runtime's quantizer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMBED = "/model/embed_tokens"
+
+
+def _attr(node, name):
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+def tie_quantized_embedding(model, bits: int) -> bool:
+    """Replace ``Gather(Transpose(head weight))`` by ``GatherBlockQuantized`` over the head's quantized
+    weight. Returns False when the graph has no tied embedding of that shape."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    transpose = next((n for n in g.node if n.op_type == "Transpose" and n.name.startswith(EMBED)), None)
+    if transpose is None:
+        return False
+    gather = next(n for n in g.node if n.op_type == "Gather" and n.input[0] == transpose.output[0])
+    head = next((n for n in g.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head")), None)
+    if head is None or len(head.input) < 3:
+        return False
+    k, n, block = _attr(head, "K"), _attr(head, "N"), _attr(head, "block_size")
+    if k % block:
+        return False
+    # MatMulNBits stores B as [N, K / block, block * bits / 8] bytes; a row lookup wants [N, K * bits / 8].
+    shape = numpy_helper.from_array(np.array([n, k * bits // 8], np.int64), f"{EMBED}/packed_shape")
+    packed = f"{EMBED}/packed_weight"
+    reshape = helper.make_node("Reshape", [head.input[1], shape.name], [packed], name=f"{EMBED}/Reshape")
+    inputs, extra = [packed, gather.input[1], head.input[2]], [shape]
+    if len(head.input) > 3 and head.input[3]:  # asymmetric: the head's zero points, packed [N * blocks * bits / 8]
+        zp_shape = numpy_helper.from_array(np.array([n, (k // block * bits + 7) // 8], np.int64), f"{EMBED}/zp_shape")
+        zp = helper.make_node("Reshape", [head.input[3], zp_shape.name], [f"{EMBED}/zero_points"],
+                              name=f"{EMBED}/ReshapeZeroPoints")
+        inputs.append(zp.output[0])
+        extra.append(zp_shape)
+    lookup = helper.make_node("GatherBlockQuantized", inputs, list(gather.output),
+                              name=f"{EMBED}/GatherBlockQuantized", domain="com.microsoft", bits=bits,
+                              block_size=block, gather_axis=0, quantize_axis=1)
+    at = list(g.node).index(transpose)
+    g.node.remove(transpose)
+    g.node.remove(gather)
+    g.node.insert(at, lookup)
+    if len(extra) > 1:
+        g.node.insert(at, zp)
+    g.node.insert(at, reshape)
+    g.initializer.extend(extra)
+    still_used = {i for node in g.node for i in node.input}
+    for init in [i for i in g.initializer if i.name == transpose.input[0] and i.name not in still_used]:
+        g.initializer.remove(init)
+    return True
+
+
+def quantize_gathers(model, target):
+    """An untied embedding table, round-to-nearest block-wise (ONNX Runtime's quantizer)."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    config = DefaultWeightOnlyQuantConfig(block_size=target.block_size, is_symmetric=target.symmetric,
+                                          accuracy_level=target.accuracy_level, bits=target.bits,
+                                          op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+

@@ -1,0 +1,146 @@
+"""The tables of a recipe, one typed dataclass each: every key a recipe may set, its default and its check.
+
+A stage's config is the first table it names in its declaration (``[train]`` and ``[adapter]`` both feed
+the train stage). ``[profile]`` is the latency profiler's settings (``edgepeft.latency.profile``) and
+``[evaluate]`` the quality gate's budgets (``edgepeft.quality.gate``); both live with the code that reads
+them and are listed here with the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from edgepeft.latency.profile import ProfileConfig
+from edgepeft.models.sources import DEFAULT_MODEL
+from edgepeft.quality.gate import EvaluateConfig
+
+
+@dataclass
+class ModelConfig:
+    source: str = DEFAULT_MODEL
+
+    def check(self) -> str | None:
+        return None if self.source.strip() else "source must not be empty"
+
+
+@dataclass
+class QuantizeConfig:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # Layers whose weights stay in full precision (bitsandbytes' llm_int8_skip_modules); lm_head always does.
+    skip_modules: list[str] | None = None
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "ia3"] = "lora"
+    # LoRA
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Module names, or "all-linear" (LoRA only). Unset: LoRA takes every linear layer but the output head;
+    # IA3 takes peft's default for the architecture (Llama family: k_proj, v_proj, down_proj).
+    target_modules: list[str] | str | None = None
+    # IA3 only: which targeted modules are feed-forward (their input, not output, is scaled).
+    feedforward_modules: list[str] | None = None
+
+    def check(self) -> str | None:
+        if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
+            return "r and alpha must be positive"
+        if self.method == "ia3" and self.target_modules == "all-linear":
+            return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
+        if self.feedforward_modules and self.method != "ia3":
+            return "feedforward_modules applies to IA3 only"
+        return None
+
+
+@dataclass
+class TrainConfig:
+    data: str = "builtin:phone-commands"
+    validation_data: str | None = None
+    steps: int = 100
+    batch_size: int = 8
+    lr: float | None = None  # unset: 1e-3 for LoRA, 1e-2 for IA3 (its few scaling vectors need larger steps)
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    checkpoint_every: int = 25
+    gradient_checkpointing: bool = False
+    eval_examples: int = 64  # validation examples scored by exact match (0: skip)
+    eval_max_new_tokens: int = 48
+
+    def check(self) -> str | None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 8:
+            return "steps and batch_size must be positive, max_length > 8"
+        if self.lr is not None and not self.lr > 0:
+            return "lr must be positive"
+        if self.checkpoint_every <= 0:
+            return "checkpoint_every must be positive"
+        return None
+
+
+@dataclass
+class MergeConfig:
+    eval_text: str = "builtin:python-docs"  # held-out prose: builtin:python-docs or a text file
+    eval_windows: int = 4
+    eval_window_tokens: int = 128
+    max_logit_diff: float = 1e-2
+
+    def check(self) -> str | None:
+        if self.eval_windows <= 0 or self.eval_window_tokens <= 1:
+            return "eval_windows and eval_window_tokens must be positive"
+        return None
+
+
+@dataclass
+class ExportConfig:
+    eval_windows: int = 4  # held-out prose windows for the prefill check (the merge stage's eval_text)
+    eval_window_tokens: int = 128
+    decode_check_tokens: int = 32  # tokens decoded one by one through the KV cache and checked
+    max_logit_diff: float = 1e-3
+
+    def check(self) -> str | None:
+        if self.eval_windows <= 0 or self.eval_window_tokens <= 1 or self.decode_check_tokens < 0:
+            return "eval_windows, eval_window_tokens must be positive and decode_check_tokens not negative"
+        if self.decode_check_tokens >= self.eval_window_tokens:
+            return "decode_check_tokens must be smaller than eval_window_tokens"
+        return None
+
+
+@dataclass
+class RequantizeConfig:
+    method: Literal["gptq", "clip", "rtn"] = "gptq"
+    calib_text: str = "builtin:python-docs"  # prose to calibrate on (its calibration part, see calib/sets.py)
+    calib_windows: int = 16  # windows of prose
+    calib_task_windows: int = 8  # windows of the task's training examples
+    calib_window_tokens: int = 256
+    mixed_precision: bool = True  # promote the most sensitive MatMuls to int8 when int4 misses the budget
+    # The search aims at this share of each [evaluate] budget on calibration data: held-out text scores
+    # worse than calibration text, so a lower margin buys headroom for more bytes (docs/measurements.md).
+    margin: float = 0.8
+    measure_windows: int = 8  # calibration windows of prose, and of the task, each candidate is scored on
+    sensitivity_windows: int = 4  # calibration windows each single-MatMul promotion is scored on
+    gptq_damp: float = 0.01  # GPTQ's dampening of the Hessian, as a share of its mean diagonal
+
+    def check(self) -> str | None:
+        if min(self.calib_windows, self.calib_window_tokens - 1, self.measure_windows,
+               self.sensitivity_windows) <= 0 or self.calib_task_windows < 0:
+            return "calib_windows, calib_window_tokens, measure_windows, sensitivity_windows must be positive"
+        if not 0 < self.margin <= 1:
+            return "margin must be in (0, 1]"
+        if not 0 < self.gptq_damp < 1:
+            return "gptq_damp must be in (0, 1)"
+        return None
+
+
+@dataclass
+class BundleConfig:
+    """The bundle's contents follow from the target (formats, threads); its latency settings are in
+    ``[profile]`` and its quality budgets in ``[evaluate]``. No keys of its own yet."""
+
+
+TABLES = {"model": ModelConfig, "quantize": QuantizeConfig, "adapter": AdapterConfig, "train": TrainConfig,
+          "merge": MergeConfig, "export": ExportConfig, "requantize": RequantizeConfig, "bundle": BundleConfig,
+          "profile": ProfileConfig, "evaluate": EvaluateConfig}
