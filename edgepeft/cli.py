@@ -160,6 +160,13 @@ def summary(records: dict[str, dict]) -> None:
                      f"{f['matmulnbits']} MatMuls kept at int8): {mb(f['fp32_bytes'])} -> {mb(f['quantized_bytes'])}; "
                      f"on calibration data vs fp32: perplexity {100 * c['perplexity_increase']:+.1f}%, "
                      f"agreement {100 * c['next_token_agreement']:.1f}%")
+    if records.get("heal", {}).get("figures", {}).get("healed"):
+        f = records["heal"]["figures"]
+        b, a = f["calibration_before"], f["calibration_after"]
+        lines.append(f"heal: {f['scales']:,} scales + {f['norm_weights']:,} norm weights fitted in {f['steps']} steps "
+                     f"({f['fit_seconds']:.0f} s, {f['activation_rounding'] or 'float'} activations); on calibration "
+                     f"data vs (4-bit base + adapter): KL {b['kl']:.3f} -> {a['kl']:.3f}, agreement "
+                     f"{100 * b['next_token_agreement']:.1f}% -> {100 * a['next_token_agreement']:.1f}%")
     if "bundle" in records:
         f = records["bundle"]["figures"]
         lines.append(f"bundle size {mb(f['bundle_bytes'])}; decode {f['decode_ms_per_token']:.2f} ms/token "

@@ -82,6 +82,13 @@ calib_task_windows = 2
 calib_window_tokens = 32
 measure_windows = 4
 sensitivity_windows = 1
+[heal]
+steps = 4
+lr = 0.003
+prose_windows = 2
+task_windows = 2
+window_tokens = 32
+checkpoint_every = 2
 [evaluate]
 windows = 2
 window_tokens = 32

@@ -38,7 +38,7 @@ def test_an_edited_calibration_text_reruns_requantize_and_what_follows(tiny_run,
     calib.write_text(python_docs("calibration")[:20000])
     path = write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
     path.write_text(path.read_text().replace("[requantize]\n", '[requantize]\ncalib_text = "calib.txt"\n'))
-    after = {"requantize", "bundle", "evaluate"}
+    after = {"requantize", "heal", "bundle", "evaluate"}
     before = set(STAGE_NAMES) - after
 
     first = _run(path, out)  # a new key: requantize and what follows rerun

@@ -23,7 +23,9 @@ def test_default_recipe_short_run(tmp_path):
     r = recipe_mod.parse({"name": "short", "model": {"source": base.model.source},
                           "adapter": {"method": base.adapter.method, "r": base.adapter.r, "alpha": base.adapter.alpha},
                           "train": {"steps": 12, "eval_examples": 8, "warmup_steps": 2},
-                          "merge": {"eval_windows": 2}}, "short recipe")
+                          "merge": {"eval_windows": 2},
+                          "heal": {"steps": 8, "warmup_steps": 2, "prose_windows": 4, "task_windows": 2,
+                                   "window_tokens": 128}}, "short recipe")
     out = tmp_path / "run"
     # through the bundle; not the quality gate, which a 12-step adapter may rightly fail (the default recipe's
     # full run passes it: `nox -s latency-check` in CI runs it)
@@ -43,3 +45,11 @@ def test_default_recipe_short_run(tmp_path):
     m = recs["merge"]["figures"]
     assert m["max_logit_diff"] < 1e-2 and m["prose"]["next_token_agreement"] > 0.99
     assert json.loads((out / "train" / "adapter" / "adapter_config.json").read_text())["r"] == base.adapter.r
+
+    # healing on the real graph: the mirror maps every MatMul (fused qkv split) and ONNX Runtime computes what it
+    # computes; what ships is never worse than the requantized graph (8 steps are too few to heal: a guard test)
+    h = recs["heal"]["figures"]
+    assert h["mirror_vs_ort_max_logit_diff"] < 1e-3 and h["bf16_scales"] and h["scales"] > 4_000_000
+    assert h["calibration_after"]["kl"] <= h["calibration_before"]["kl"]
+    shipped = (out / "heal" / "model" / "model.onnx").read_bytes()
+    assert h["healed"] or shipped == (out / "requantize" / "model" / "model.onnx").read_bytes()

@@ -48,11 +48,11 @@ x86 ranked far lower is not). Each CPU model runs two checks, each against its o
 activations are quantized to int8 at run time, so bit-exactness is not on the cards, and x86 and arm64 do
 it differently. x86 (AVX2/AVX512-VNNI) quantizes each block of 32 activations with its own scale. On arm64 with
 dot-product or i8mm, onnxruntime sends MatMulNBits to KleidiAI, which quantizes each activation row as a
-whole (one asymmetric scale per row: coarser), so only the check without KleidiAI can hold arm64 close to
-x86. The tolerances (``CHECKS``) allow about three times the worst figures measured on the default bundle;
-the loose ``shipped`` check catches broken kernels, and the tight ``no-kleidiai`` one fails even a different
-int4 quantization of the same weights. Whether KleidiAI's coarser activations cost the fine-tune is the
-quality check's question:
+whole (one asymmetric scale per row: coarser) and reads each block scale as bf16 (truncated), so only the
+check without KleidiAI can hold arm64 close to x86. The tolerances (``CHECKS``) allow about three times the
+worst figures measured on the default bundle; the loose ``shipped`` check catches broken kernels, and the tight
+``no-kleidiai`` one fails even a different int4 quantization of the same weights. Whether KleidiAI's coarser
+activations cost the fine-tune is the quality check's question:
 
 **Quality on the arm64 kernels** (``--quality-windows``, default 4). The first windows of the recipe's held-out
 prose go through the bundle on x86 and under emulation (the last ``--cpu``), each scored against
@@ -301,6 +301,18 @@ def sync_qemu(root: Path) -> tuple[str, str]:
     return "/usr/bin/" + QEMU, _run([str(host), "--version"], "qemu --version").stdout.splitlines()[0]
 
 
+def guest_env(site: str) -> dict[str, str]:
+    """The clean environment an emulated python runs with (qemu passes it to the guest): the wheels on its path."""
+    return {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONPATH": site,
+            "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def guest_python(root: Path, qemu: str, cpu: str) -> list[str]:
+    """The command that runs the root's aarch64 python3 on the emulated CPU model ``cpu`` (append its arguments,
+    paths as seen inside the root)."""
+    return [_which("chroot"), str(root), qemu, "-cpu", cpu, "/usr/bin/python3"]
+
+
 def _noise(line: str) -> bool:
     return "cpuinfo" in line or not line.strip()
 
@@ -367,15 +379,13 @@ def emulate(bundle_dir: Path, root: Path = DEFAULT_ROOT, prompt_tokens: int = 48
     (root / "tmp").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="edgepeft-", dir=root / "tmp"))
     inside = "/" + work.relative_to(root).as_posix()
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONPATH": site,
-           "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = guest_env(site)
 
     def probe(name: str, spec: dict, arm_cpu: str | None = None) -> dict:
         (work / f"{name}.json").write_text(json.dumps(spec))
         files = [f"{name}.json", f"{name}.npz"]
         if arm_cpu:
-            cmd = [_which("chroot"), str(root), qemu, "-cpu", arm_cpu, "/usr/bin/python3",
-                   *(f"{inside}/{f}" for f in ["probe.py", *files])]
+            cmd = [*guest_python(root, qemu, arm_cpu), *(f"{inside}/{f}" for f in ["probe.py", *files])]
         else:
             cmd = [sys.executable, *(str(work / f) for f in ["probe.py", *files])]
         return _probe(cmd, work, f"{name}.npz", env if arm_cpu else None, timeout)

@@ -4,6 +4,7 @@ rename), folders swapped in whole, and trees of hard links for sharing finished 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -93,3 +94,15 @@ def link_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(a, b)
     shutil.copytree(src, dst, copy_function=link)
+
+
+def latest_checkpoint(work: Path, fingerprint: str) -> Path | None:
+    """The newest ``step-*`` checkpoint folder in ``work`` whose ``meta.json`` has this fingerprint (a checkpoint
+    of a run with other inputs is never resumed)."""
+    for ckpt in sorted(work.glob("step-*"), reverse=True):
+        try:
+            if json.loads((ckpt / "meta.json").read_text()).get("fingerprint") == fingerprint:
+                return ckpt
+        except (OSError, ValueError):
+            continue
+    return None

@@ -58,7 +58,7 @@ def _regressed(bundle: Path, run: RunDir, work: Path, target) -> dict[str, Path]
         out[label] = dst
     dst = work / "no-graph-optimizations"
     shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("model.*", "profile*"))
-    ort.InferenceSession(str(run.artifact("requantize") / "model.onnx"),
+    ort.InferenceSession(str(run.artifact("heal") / "model.onnx"),
                          options(optimize=False, save_ort=dst / model_file), providers=["CPUExecutionProvider"])
     out["no graph optimizations"] = dst
     return out

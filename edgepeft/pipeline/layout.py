@@ -2,7 +2,7 @@
 
     dist/<recipe name>/             a run (``--out`` elsewhere)
         <stage>/record.json         what the stage read, measured and wrote (edgepeft.pipeline.stage)
-        <stage>/<artifact>/         its artifact: load, quantize, merge, export, requantize: model/;
+        <stage>/<artifact>/         its artifact: load, quantize, merge, export, requantize, heal: model/;
                                     train: adapter/
         bundle/<target name>/       the deployable bundle (edgepeft.bundle)
         .<stage>.tmp/               a stage being written; renamed to <stage>/ when it finishes
@@ -15,7 +15,7 @@ from pathlib import Path
 
 DEFAULT_ROOT = Path("dist")
 ARTIFACTS = {"load": "model", "quantize": "model", "train": "adapter", "merge": "model", "export": "model",
-             "requantize": "model"}
+             "requantize": "model", "heal": "model"}
 BUNDLES = "bundle"
 
 

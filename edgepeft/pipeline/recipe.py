@@ -23,6 +23,7 @@ from edgepeft.pipeline.tables import (
     BundleConfig,
     EvaluateConfig,
     ExportConfig,
+    HealConfig,
     MergeConfig,
     ModelConfig,
     ProfileConfig,
@@ -47,6 +48,7 @@ class Recipe:
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     requantize: RequantizeConfig = field(default_factory=RequantizeConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -66,6 +68,12 @@ class Recipe:
         """The target's keys that decide the graph and its weights (a section the export and requantize stages
         read, see ``target.Precision``)."""
         return self.target.precision
+
+    @property
+    def kernels(self):
+        """The target's keys that decide what its kernels compute (the heal stage's section, see
+        ``target.Kernels``)."""
+        return self.target.kernels
 
     def section(self, name: str):
         return getattr(self, name)

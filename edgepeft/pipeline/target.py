@@ -48,10 +48,43 @@ class Precision:
     quantize_embedding: bool
 
 
+# What MatMulNBits computes at accuracy_level 4 (int8 activations), which healing simulates
+# (``edgepeft.heal.mirror``): on arm64, ONNX Runtime runs symmetric int4 on KleidiAI's kernels, which round
+# each row (token) of the activations to int8 with its own scale and zero point, and keep only the upper 16
+# bits of each fp32 block scale (bf16, truncated) when they pack the weights; everything else (x86-64 MLAS,
+# and arm64 for int4 with zero points or int8 weights) rounds symmetric int8 per block of block_size inputs
+# and keeps fp32 scales. (onnxruntime 1.32, mlas/lib/kleidiai/qnbitgemm_kleidiai.cpp.)
+
+
+@dataclass
+class Kernels:
+    """The keys of a target that decide what its MatMulNBits kernels compute: what the heal stage fits to."""
+
+    architecture: str
+    weights: str
+    symmetric: bool
+    activations: str
+
+    @property
+    def activation_rounding(self) -> str | None:
+        """``rowwise`` (KleidiAI), ``blockwise`` (MLAS) or None (fp32 activations: no rounding)."""
+        if self.activations == "fp32":
+            return None
+        if self.architecture == "arm64" and self.weights == "int4" and self.symmetric:
+            return "rowwise"
+        return "blockwise"
+
+    @property
+    def bf16_scales(self) -> bool:
+        """Whether the kernels read the block scales as bf16 (KleidiAI's symmetric int4 path)."""
+        return self.activation_rounding == "rowwise"
+
+
 @dataclass
 class Target:
     name: str
     runtime: Literal["onnxruntime-genai"] = "onnxruntime-genai"
+    architecture: Literal["arm64", "x86_64"] = "arm64"  # the device's CPU: which int8 kernels run (Kernels)
     formats: list[str] = field(default_factory=lambda: ["onnx"])
     threads: int = 2
     opset: int = 21
@@ -101,6 +134,10 @@ class Target:
     @property
     def precision(self) -> Precision:
         return Precision(**{k: getattr(self, k) for k in Precision.__dataclass_fields__})
+
+    @property
+    def kernels(self) -> Kernels:
+        return Kernels(**{k: getattr(self, k) for k in Kernels.__dataclass_fields__})
 
     @property
     def bits(self) -> int:

@@ -50,7 +50,7 @@ def system_prompt(samples) -> str | None:
 
 def run(ctx: StageContext) -> None:
     recipe, target = ctx.recipe, ctx.recipe.target
-    src = ctx.artifact("requantize")
+    src = ctx.artifact("heal")
     name = f"{recipe.name}-{target.name}"
     out = bundle_in(ctx.out, target.name)
     out.mkdir()
@@ -104,7 +104,8 @@ def run(ctx: StageContext) -> None:
     figures = {"formats": target.formats, "model_file": model_file,
                "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
                **lat, "device": target.device, "profile_warnings": profile["warnings"]}
-    upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize")}
+    upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize",
+                                                              "heal")}
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     figures["bundle_bytes_before_manifest"] = total
     write_manifest(out, {**manifest, "figures": {"bundle": figures, **upstream}})
@@ -123,6 +124,6 @@ def run(ctx: StageContext) -> None:
 
 
 STAGE = Stage("bundle", run, sections=("bundle", "target", "profile"),
-              reads=("requantize", "export", "load", "quantize", "train"),
+              reads=("heal", "requantize", "export", "load", "quantize", "train"),
               files=lambda recipe: user_files(recipe, "train", "data", "validation_data"),
               description="write the deployable bundle, profile its latency, seal its manifest")

@@ -25,6 +25,7 @@ from pathlib import Path
 from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
+from edgepeft.core.files import latest_checkpoint
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
@@ -89,16 +90,6 @@ def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler
     for old in sorted(work.glob("step-*"))[:-2]:  # keep the last two
         shutil.rmtree(old)
     return final
-
-
-def _latest_checkpoint(work: Path, fp: str) -> Path | None:
-    for ckpt in sorted(work.glob("step-*"), reverse=True):
-        try:
-            if json.loads((ckpt / "meta.json").read_text()).get("fingerprint") == fp:
-                return ckpt
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
@@ -205,7 +196,7 @@ def run(ctx: StageContext) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
 
     start, losses = 0, []
-    ckpt = _latest_checkpoint(ctx.work, fp)
+    ckpt = latest_checkpoint(ctx.work, fp)
     if ckpt is not None and ctx.options.get("resume"):
         start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler)
         say(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")

@@ -1,0 +1,112 @@
+"""The distillation loop of healing, written out (no trainer): the trained model's next-token
+log-probabilities on the calibration windows are computed once; then each step takes one window, runs the
+PyTorch mirror of the quantized graph on it, and moves the mirror's log-gains (and norm weights) by Adam
+down the gradient of KL(trained || mirror), averaged over the window's positions.
+
+The window of step ``k`` depends only on (seed, k), and checkpoints hold the parameters, the optimizer and
+the losses, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NORM_LR_RATIO = 0.5  # the norm weights (few, each read by a whole layer) move at half the scales' rate
+
+
+def teacher_log_probs(model, windows: list[list[int]], progress: Callable[[int], None] | None = None):
+    """The reference model's log-probabilities for every position of every window, in fp16 (a window of 256
+    tokens over a 49K vocabulary is 25 MB)."""
+    out = []
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=torch.tensor([w])).logits[0].float()
+            out.append(torch.log_softmax(logits, -1).half())
+            if progress:
+                progress(1)
+    return out
+
+
+def kl_loss(teacher: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || softmax(logits)), in nats per token."""
+    t = teacher.float()
+    return (t.exp() * (t - torch.log_softmax(logits.float(), -1))).sum(-1).mean()
+
+
+def window_of(step: int, n: int, seed: int) -> int:
+    """The calibration window step ``step`` trains on: every window once per epoch, in a shuffled order."""
+    epoch, i = divmod(step, n)
+    return int(np.random.default_rng([seed, epoch]).permutation(n)[i])
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then a cosine down to zero."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class Distiller:
+    """The optimizer and schedule over a mirror's trainable parameters, and their checkpoints."""
+
+    def __init__(self, mirror, lr: float, warmup: int, steps: int, norms: bool):
+        self.mirror = mirror
+        self.params = {"gains": mirror.gains(), "norms": mirror.norm_weights() if norms else []}
+        for group in self.params.values():
+            for p in group:
+                p.requires_grad_(True)
+        groups = [{"params": self.params["gains"], "lr": lr}]
+        if self.params["norms"]:
+            groups.append({"params": self.params["norms"], "lr": lr * NORM_LR_RATIO})
+        self.optimizer = torch.optim.Adam(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, steps))
+        self.losses: list[float] = []
+
+    def step(self, window: list[int], teacher: torch.Tensor) -> float:
+        logits = self.mirror.model(input_ids=torch.tensor([window])).logits[0]
+        loss = kl_loss(teacher, logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    def save(self, work: Path, step: int, fingerprint: str) -> Path:
+        from safetensors.torch import save_file
+
+        final, tmp = work / f"step-{step:06d}", work / f".step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({f"{k}.{i}": p.detach().contiguous() for k, group in self.params.items()
+                   for i, p in enumerate(group)}, tmp / "params.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   tmp / "optim.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, "losses": self.losses}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(work.glob("step-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old)
+        return final
+
+    def load(self, ckpt: Path) -> int:
+        from safetensors.torch import load_file
+
+        saved = load_file(ckpt / "params.safetensors")
+        with torch.no_grad():
+            for k, group in self.params.items():
+                for i, p in enumerate(group):
+                    p.copy_(saved[f"{k}.{i}"])
+        state = torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        meta = json.loads((ckpt / "meta.json").read_text())
+        self.losses = meta["losses"]
+        return meta["step"]

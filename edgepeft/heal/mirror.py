@@ -1,0 +1,245 @@
+"""A PyTorch model that computes what the quantized ONNX graph computes, with the graph's continuous
+parameters trainable: the PyTorch mirror the healing step fits.
+
+Every ``MatMulNBits`` of the graph becomes a ``QuantLinear``: its integer codes (and zero points) are
+fixed buffers, exactly as the graph stores them; its block scales are a ``Parameter``; the weight it
+multiplies by is ``(code - zero_point) * scale``, block by block, the kernel's dequantization. The token
+embedding (``GatherBlockQuantized`` over the head's codes) reads the same codes and scales as the head, so
+a scale fitted for one is fitted for both. The RMSNorm weights are the graph's float initializers.
+
+Where the target's kernels multiply with int8 activations (``accuracy_level`` 4), the mirror rounds each
+MatMul's input the way the kernel does, and passes gradients straight through the rounding (STE):
+``blockwise`` (x86-64 MLAS: symmetric int8 per block of ``block_size`` inputs) or ``rowwise`` (arm64
+KleidiAI: asymmetric int8 per row, i.e. per token). ``None`` leaves activations in float. KleidiAI also
+reads each block scale as bf16 (truncated); with ``bf16_scales`` the mirror multiplies by that and writes it
+back, so the graph then holds scales every kernel reads alike.
+
+The rest of the network (attention with rotary positions, SiLU MLP, residuals) is transformers' own Llama
+implementation, built from the merged model's config: the graph's ``GroupQueryAttention`` and
+``SkipSimplifiedLayerNormalization`` compute the same functions.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+ACTIVATION_SCHEMES = ("blockwise", "rowwise")
+_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(qkv_proj|o_proj|gate_proj|up_proj|down_proj)/MatMul_Q\d+$")
+
+
+def fake_int8(x: torch.Tensor, scheme: str | None, block: int) -> torch.Tensor:
+    """``x`` rounded to int8 as the kernel's activation quantization does, gradients straight through."""
+    if scheme is None:
+        return x
+    if scheme == "blockwise":
+        xs = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+        scale = xs.abs().amax(-1, keepdim=True) / 127.0
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = (torch.round(xs / scale).clamp(-127, 127) * scale).reshape(x.shape)
+    elif scheme == "rowwise":
+        lo = x.amin(-1, keepdim=True).clamp(max=0)
+        hi = x.amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / 255.0
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zp = torch.round(-128.0 - lo / scale).clamp(-128, 127)
+        q = (torch.round(x / scale) + zp).clamp(-128, 127)
+        q = (q - zp) * scale
+    else:
+        raise ValueError(f"unknown activation scheme {scheme!r} (one of {ACTIVATION_SCHEMES})")
+    return x + (q - x).detach()
+
+
+def bf16_truncated(x: torch.Tensor) -> torch.Tensor:
+    """The upper 16 bits of each fp32 value (bf16, rounded toward zero): what KleidiAI's packing keeps of a
+    block scale."""
+    return (x.contiguous().view(torch.int32) & -65536).view(torch.float32)
+
+
+class QuantLinear(nn.Module):
+    """``y = x W^T`` with ``W = (codes - zero_points) * scales`` per block; only the scales train.
+
+    A scale is trained as its logarithm's change, ``scales = initial * exp(log_gain)``: one learning rate then
+    moves every block by the same relative amount, whatever its magnitude, and no scale can change sign. With
+    ``bf16`` the kernel's view of each scale (bf16, truncated) is what multiplies, gradients passing
+    straight through, and what is written back."""
+
+    def __init__(self, centered: torch.Tensor, scales: torch.Tensor, activations: str | None, bf16: bool = False):
+        super().__init__()
+        self.register_buffer("centered", centered, persistent=False)  # (code - zero point), [N, nb, block]
+        self.register_buffer("initial", scales.clone(), persistent=False)  # [N, nb]
+        self.log_gain = nn.Parameter(torch.zeros_like(scales))
+        self.activations = activations
+        self.bf16 = bf16
+
+    @property
+    def block(self) -> int:
+        return self.centered.shape[-1]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """The scales the kernel multiplies by."""
+        s = self.initial * torch.exp(self.log_gain)
+        return s + (bf16_truncated(s) - s).detach() if self.bf16 else s
+
+    def weight(self) -> torch.Tensor:
+        n, nb, block = self.centered.shape
+        return (self.centered * self.scales[..., None]).reshape(n, nb * block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(fake_int8(x, self.activations, self.block), self.weight())
+
+
+class QuantEmbedding(nn.Module):
+    """The token table read from the head's quantized weight (the graph's ``GatherBlockQuantized``)."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        self.head = [head]  # not a submodule: its scales are registered once, under lm_head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        rows = head.centered[ids] * head.scales[ids][..., None]
+        return rows.reshape(*ids.shape, -1)
+
+
+def unpack(b: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """MatMulNBits' packed ``B`` [N, nb, block*bits/8] to codes [N, nb, block] (uint8)."""
+    if bits == 8:
+        return b.reshape(b.shape[0], -1, block)
+    lo, hi = b & 0x0F, b >> 4
+    return np.stack([lo, hi], axis=-1).reshape(b.shape[0], b.shape[1], block)
+
+
+def unpack_zero_points(zp: np.ndarray | None, bits: int, shape: tuple[int, int]) -> np.ndarray:
+    """Zero points [N, nb]; the op's default 2^(bits-1) where the graph stores none."""
+    n, nb = shape
+    if zp is None:
+        return np.full(shape, 2 ** (bits - 1), np.float32)
+    if bits == 8:
+        return zp.reshape(n, nb).astype(np.float32)
+    z = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :nb]
+    return z.astype(np.float32)
+
+
+class GraphWeights:
+    """The quantized weights and norm weights of an exported int4/int8 decoder graph, by node."""
+
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self.model = model
+        self.init = {i.name: i for i in model.graph.initializer}
+        self.matmuls = {}  # node name -> (node, codes, scales, zero points)
+        for node in model.graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            attrs = {a.name: a.i for a in node.attribute}
+            b = numpy_helper.to_array(self.init[node.input[1]])
+            scales = numpy_helper.to_array(self.init[node.input[2]]).reshape(attrs["N"], -1)
+            zp = numpy_helper.to_array(self.init[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+            codes = unpack(b, attrs["bits"], attrs["block_size"])
+            self.matmuls[node.name] = (node, codes, scales, unpack_zero_points(zp, attrs["bits"], scales.shape))
+        self.norms = {n.input[-1]: n for n in model.graph.node
+                      if n.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")}
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.init[name])
+
+    def replace(self, name: str, value: np.ndarray) -> None:
+        """Overwrite an initializer's values (same name, shape and dtype)."""
+        from onnx import numpy_helper
+
+        old = self.init[name]
+        new = numpy_helper.from_array(value.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims)), name)
+        old.CopyFrom(new)
+
+
+def _norm_names(layers: int) -> dict[str, str]:
+    """HF module name of each RMSNorm -> the graph's initializer name (onnxruntime-genai builder layout)."""
+    names = {}
+    for i in range(layers):
+        names[f"model.layers.{i}.input_layernorm"] = f"model.layers.{i}.input_layernorm.weight"
+        names[f"model.layers.{i}.post_attention_layernorm"] = f"model.layers.{i}.post_attention_layernorm.weight"
+    names["model.norm"] = f"model.layers.{layers}.final_norm_layernorm.weight"
+    return names
+
+
+class Mirror:
+    """The PyTorch mirror of a quantized graph, and the way back: ``write_back`` puts the fitted scales and
+    norm weights into the graph's initializers."""
+
+    def __init__(self, graph: GraphWeights, config, activations: str | None, bf16_scales: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        if not config.tie_word_embeddings:
+            raise ValueError("healing needs the token table tied to the head (as the graph's "
+                             "GatherBlockQuantized reads it)")
+        self.graph = graph
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        layers = config.num_hidden_layers
+        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        self.linears: dict[str, list[tuple[QuantLinear, int, int]]] = {}  # node -> (module, first row, rows)
+        for name, (_node, codes, scales, zp) in graph.matmuls.items():
+            centered = torch.from_numpy(codes.astype(np.float32) - zp[..., None])
+            sc = torch.from_numpy(scales.astype(np.float32))
+            m = _NODE.match(name)
+            if name.startswith("/lm_head/"):
+                parts = [("lm_head", 0, sc.shape[0])]
+            elif m and m.group(3) == "qkv_proj":
+                pre = f"model.layers.{m.group(1)}.self_attn"
+                parts = [(f"{pre}.q_proj", 0, q), (f"{pre}.k_proj", q, kv), (f"{pre}.v_proj", q + kv, kv)]
+            elif m:
+                sub = "self_attn" if m.group(2) == "attn" else "mlp"
+                parts = [(f"model.layers.{m.group(1)}.{sub}.{m.group(3)}", 0, sc.shape[0])]
+            else:
+                raise ValueError(f"MatMulNBits node {name!r} is not one the mirror knows (Llama-family layout)")
+            self.linears[name] = []
+            for module_name, start, rows in parts:
+                ql = QuantLinear(centered[start:start + rows].contiguous(), sc[start:start + rows], activations,
+                                 bf16_scales)
+                parent, _, attr = module_name.rpartition(".")
+                old = model.get_submodule(module_name)
+                if (old.out_features, old.in_features) != tuple(ql.weight().shape):
+                    raise ValueError(f"{name}: graph weight {tuple(ql.weight().shape)} does not fit {module_name}")
+                setattr(model.get_submodule(parent) if parent else model, attr, ql)
+                self.linears[name].append((ql, start, rows))
+        missing = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+        if missing:
+            raise ValueError(f"the graph has no quantized weight for {missing[:3]}")
+        model.model.embed_tokens = QuantEmbedding(model.lm_head)
+        self.norms = {}
+        for module_name, init_name in _norm_names(layers).items():
+            mod = model.get_submodule(module_name)
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(graph.array(init_name).copy()))
+            self.norms[init_name] = mod
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.eval()
+
+    def gains(self) -> list[nn.Parameter]:
+        """The scales' trainable log-gains, one tensor per MatMul (a fused qkv counts three)."""
+        return [ql.log_gain for parts in self.linears.values() for ql, _, _ in parts]
+
+    def norm_weights(self) -> list[nn.Parameter]:
+        return [mod.weight for mod in self.norms.values()]
+
+    def set_activations(self, scheme: str | None) -> None:
+        for parts in self.linears.values():
+            for ql, _, _ in parts:
+                ql.activations = scheme
+
+    def write_back(self) -> None:
+        """The fitted scales and norm weights into the graph's initializers, in place."""
+        for name, parts in self.linears.items():
+            node = self.graph.matmuls[name][0]
+            scales = torch.cat([ql.scales.detach() for ql, _, _ in parts]).numpy()
+            self.graph.replace(node.input[2], scales)
+        for init_name, mod in self.norms.items():
+            self.graph.replace(init_name, mod.weight.detach().numpy())
