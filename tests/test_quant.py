@@ -91,3 +91,17 @@ def test_gptq_codes_stay_in_range_and_dead_inputs_are_zero():
     q = quant.quantize_gptq(w, h, 4, 32, False)
     assert q.codes.max() <= 15 and q.zero_points.max() <= 15
     np.testing.assert_array_equal(q.dequantize()[5], 0.0)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
+def test_from_packed_inverts_packed(bits, symmetric):
+    """What the heal mirror reads back from a graph is the weight that was packed into it (an odd number of
+    blocks: zero points padded to a whole byte)."""
+    from edgepeft.onnx.quant import Quantized, quantize_rtn
+
+    w = np.random.default_rng(0).standard_normal((96, 12)).astype(np.float32)  # K 96 = 3 blocks of 32
+    q = quantize_rtn(w, bits, 32, symmetric)
+    back = Quantized.from_packed(*q.packed(), bits, 32)
+    assert np.array_equal(back.codes, q.codes) and np.array_equal(back.scales, q.scales)
+    assert (back.zero_points is None) == symmetric
+    np.testing.assert_array_equal(back.dequantize(), q.dequantize())

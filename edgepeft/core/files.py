@@ -106,3 +106,18 @@ def latest_checkpoint(work: Path, fingerprint: str) -> Path | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def write_checkpoint(work: Path, step: int, meta: dict, write) -> Path:
+    """``work/step-NNNNNN`` holding what ``write(folder)`` puts there and ``meta.json`` (``meta`` and the step),
+    written whole: into a temporary folder, then renamed. Keeps the last two checkpoints."""
+    final, tmp = work / f"step-{step:06d}", work / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(work.glob("step-*"))[:-2]:
+        shutil.rmtree(old)
+    return final

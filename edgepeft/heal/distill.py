@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from edgepeft.core.files import write_checkpoint
 
 NORM_LR_RATIO = 0.5  # the norm weights (few, each read by a whole layer) move at half the scales' rate
 
@@ -82,19 +83,13 @@ class Distiller:
     def save(self, work: Path, step: int, fingerprint: str) -> Path:
         from safetensors.torch import save_file
 
-        final, tmp = work / f"step-{step:06d}", work / f".step-{step:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({f"{k}.{i}": p.detach().contiguous() for k, group in self.params.items()
-                   for i, p in enumerate(group)}, tmp / "params.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   tmp / "optim.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, "losses": self.losses}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(work.glob("step-*"))[:-2]:  # keep the last two
-            shutil.rmtree(old)
-        return final
+        def write(folder: Path) -> None:
+            save_file({f"{k}.{i}": p.detach().contiguous() for k, group in self.params.items()
+                       for i, p in enumerate(group)}, folder / "params.safetensors")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       folder / "optim.pt")
+
+        return write_checkpoint(work, step, {"fingerprint": fingerprint, "losses": self.losses}, write)
 
     def load(self, ckpt: Path) -> int:
         from safetensors.torch import load_file

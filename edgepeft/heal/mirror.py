@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.onnx.quant import Quantized
+
 ACTIVATION_SCHEMES = ("blockwise", "rowwise")
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(qkv_proj|o_proj|gate_proj|up_proj|down_proj)/MatMul_Q\d+$")
 
@@ -106,25 +108,6 @@ class QuantEmbedding(nn.Module):
         return rows.reshape(*ids.shape, -1)
 
 
-def unpack(b: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """MatMulNBits' packed ``B`` [N, nb, block*bits/8] to codes [N, nb, block] (uint8)."""
-    if bits == 8:
-        return b.reshape(b.shape[0], -1, block)
-    lo, hi = b & 0x0F, b >> 4
-    return np.stack([lo, hi], axis=-1).reshape(b.shape[0], b.shape[1], block)
-
-
-def unpack_zero_points(zp: np.ndarray | None, bits: int, shape: tuple[int, int]) -> np.ndarray:
-    """Zero points [N, nb]; the op's default 2^(bits-1) where the graph stores none."""
-    n, nb = shape
-    if zp is None:
-        return np.full(shape, 2 ** (bits - 1), np.float32)
-    if bits == 8:
-        return zp.reshape(n, nb).astype(np.float32)
-    z = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :nb]
-    return z.astype(np.float32)
-
-
 class GraphWeights:
     """The quantized weights and norm weights of an exported int4/int8 decoder graph, by node."""
 
@@ -133,18 +116,14 @@ class GraphWeights:
 
         self.model = model
         self.init = {i.name: i for i in model.graph.initializer}
-        self.matmuls = {}  # node name -> (node, codes, scales, zero points)
+        self.matmuls = {}  # node name -> (node, its weight as quant.Quantized)
         for node in model.graph.node:
             if node.op_type != "MatMulNBits":
                 continue
             attrs = {a.name: a.i for a in node.attribute}
-            b = numpy_helper.to_array(self.init[node.input[1]])
-            scales = numpy_helper.to_array(self.init[node.input[2]]).reshape(attrs["N"], -1)
+            b, scales = (numpy_helper.to_array(self.init[node.input[k]]) for k in (1, 2))
             zp = numpy_helper.to_array(self.init[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-            codes = unpack(b, attrs["bits"], attrs["block_size"])
-            self.matmuls[node.name] = (node, codes, scales, unpack_zero_points(zp, attrs["bits"], scales.shape))
-        self.norms = {n.input[-1]: n for n in model.graph.node
-                      if n.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")}
+            self.matmuls[node.name] = (node, Quantized.from_packed(b, scales, zp, attrs["bits"], attrs["block_size"]))
 
     def array(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
@@ -185,9 +164,9 @@ class Mirror:
         layers = config.num_hidden_layers
         q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         self.linears: dict[str, list[tuple[QuantLinear, int, int]]] = {}  # node -> (module, first row, rows)
-        for name, (_node, codes, scales, zp) in graph.matmuls.items():
-            centered = torch.from_numpy(codes.astype(np.float32) - zp[..., None])
-            sc = torch.from_numpy(scales.astype(np.float32))
+        for name, (_node, weight) in graph.matmuls.items():
+            centered = torch.from_numpy(weight.centered())
+            sc = torch.from_numpy(weight.scales.astype(np.float32))
             m = _NODE.match(name)
             if name.startswith("/lm_head/"):
                 parts = [("lm_head", 0, sc.shape[0])]

@@ -15,6 +15,24 @@ import time
 from edgepeft.core.errors import EdgepeftError
 
 EXPORTER = "onnxruntime-genai model builder"
+MODEL = "model.onnx"  # the graph of a model folder; genai_config.json and the tokenizer files lie beside it
+
+
+def copy_beside_graph(src, out) -> None:
+    """Every file of model folder ``src`` but the graph (genai_config.json, tokenizer files) into ``out``."""
+    import shutil
+
+    for f in src.iterdir():
+        if not f.name.startswith(MODEL):
+            shutil.copy2(f, out / f.name)
+
+
+def save_graph(model, out) -> None:
+    """``model`` as ``out/model.onnx``; its weights beside it (``model.onnx.data``) past protobuf's 2 GB limit."""
+    import onnx
+
+    large = model.ByteSize() > 1_800_000_000
+    onnx.save(model, str(out / MODEL), save_as_external_data=large, location=f"{MODEL}.data")
 
 
 def build_onnx(model_dir, out_dir, precision: str = "fp32", cache_dir=None, extra: dict | None = None) -> float:

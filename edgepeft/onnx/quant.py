@@ -38,10 +38,31 @@ class Quantized:
     bits: int
     block: int
 
+    @classmethod
+    def from_packed(cls, b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                    block: int) -> Quantized:
+        """The inverse of ``packed``: a weight from MatMulNBits' B, scales and (packed) zero points."""
+        n = b.shape[0]
+
+        def nibbles(x):
+            return np.stack([x & 0x0F, x >> 4], axis=-1).reshape(n, -1)
+
+        codes = (b if bits == 8 else nibbles(b)).reshape(n, -1, block)
+        nb = codes.shape[1]
+        zp = None
+        if zero_points is not None:
+            zp = zero_points.reshape(n, nb) if bits == 8 else nibbles(zero_points.reshape(n, -1))[:, :nb]
+        return cls(codes, scales.reshape(n, nb), zp, bits, block)
+
+    def centered(self) -> np.ndarray:
+        """``codes - zero_points`` [N, K/block, block] float32 (the op's default zero point, 2^(bits-1), when
+        none is stored)."""
+        zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, 2 ** (self.bits - 1))
+        return self.codes.astype(np.float32) - zp[..., None].astype(np.float32)
+
     def dequantize(self) -> np.ndarray:
         """The weight as the kernel sees it, [K, N] float32."""
-        zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, 2 ** (self.bits - 1))
-        w = (self.codes.astype(np.float32) - zp[..., None].astype(np.float32)) * self.scales[..., None]
+        w = self.centered() * self.scales[..., None]
         return w.reshape(w.shape[0], -1).T.copy()
 
     def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -29,11 +29,11 @@ from edgepeft.calib.sets import calibration_windows
 from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import latest_checkpoint, write_atomic
+from edgepeft.onnx.builder import MODEL, copy_beside_graph, save_graph
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import HealConfig
 from edgepeft.quality.scores import score
 
-MODEL = "model.onnx"
 SCORED_WINDOWS = 8  # calibration windows (half prose, half task where there are) scored before and after
 
 
@@ -45,16 +45,18 @@ def _scored(windows: list[list[int]], prose: int) -> list[int]:
     return picked[:SCORED_WINDOWS]
 
 
-def _ort_scores(model, genai, teacher, windows, picked, accuracy_level: int | None = None):
-    """The graph under ONNX Runtime scored against the teacher on the picked windows (``accuracy_level``:
-    every MatMulNBits set to it first, on a copy)."""
+def _ort_logits(model, genai, windows: list[list[int]]) -> list:
+    """The graph's logits under ONNX Runtime for each window."""
     from edgepeft.onnx.decoder import Decoder
 
-    if accuracy_level is not None:
-        model = _with_accuracy_level(model, accuracy_level)
     dec = Decoder(model.SerializeToString(), genai_config=genai)
-    logits = [dec.prefill(windows[i])[0] for i in picked]
-    return logits, score([teacher[i].float().numpy() for i in picked], logits, [windows[i] for i in picked])
+    return [dec.prefill(w)[0] for w in windows]
+
+
+def _ort_scores(model, genai, teacher, windows, picked) -> dict:
+    """The graph under ONNX Runtime scored against the teacher on the picked windows."""
+    ws = [windows[i] for i in picked]
+    return score([teacher[i].float().numpy() for i in picked], _ort_logits(model, genai, ws), ws)
 
 
 def _with_accuracy_level(model, level: int):
@@ -91,9 +93,7 @@ def run(ctx: StageContext) -> None:
         print("  [heal] steps = 0: the requantized graph ships as it is")
         return
     out.mkdir()
-    for f in src.iterdir():  # genai_config.json, tokenizer files
-        if not f.name.startswith("model.onnx"):
-            shutil.copy2(f, out / f.name)
+    copy_beside_graph(src, out)
     genai = src / "genai_config.json"
     t_start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -115,13 +115,12 @@ def run(ctx: StageContext) -> None:
 
     graph = GraphWeights(onnx.load(str(src / MODEL)))
     picked = _scored(windows, about["prose_windows"])
-    _, before = _ort_scores(graph.model, genai, teacher, windows, picked)
+    before = _ort_scores(graph.model, genai, teacher, windows, picked)
 
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
     scheme = kernels.activation_rounding
     mirror = Mirror(graph, config, scheme, kernels.bf16_scales)
     fit = Distiller(mirror, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.norms)
-    torch.manual_seed(cfg.seed)
     start = 0
     ckpt = latest_checkpoint(ctx.work, ctx.fingerprint)
     if ckpt is not None and ctx.options.get("resume"):
@@ -130,7 +129,6 @@ def run(ctx: StageContext) -> None:
     elif ckpt is not None:
         print(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
     t_fit = time.time()
-    mirror.model.train()
     with progress(cfg.steps, f"heal (KL to the trained model, {scheme or 'float'} activations)", "step",
                   initial=start) as bar:
         for step in range(start, cfg.steps):
@@ -141,14 +139,13 @@ def run(ctx: StageContext) -> None:
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 fit.save(ctx.work, step + 1, ctx.fingerprint)
     fit_seconds = time.time() - t_fit
-    mirror.model.eval()
     mirror.write_back()
 
     # ONNX Runtime must compute what the mirror computes: with float activations (accuracy level 0) the two
     # differ only by float rounding; at the target's level, by how int8 rounding flips fall.
     mirror.set_activations(None)
     check = windows[picked[0]]
-    exact, _ = _ort_scores(graph.model, genai, teacher, windows, picked[:1], accuracy_level=0)
+    exact = _ort_logits(_with_accuracy_level(graph.model, 0), genai, [check])
     with torch.no_grad():
         mine = mirror.model(input_ids=torch.tensor([check])).logits[0].numpy()
     mirror_diff = float(np.abs(exact[0] - mine).max())
@@ -156,12 +153,11 @@ def run(ctx: StageContext) -> None:
         raise EdgepeftError(f"[heal] ONNX Runtime's logits differ from the PyTorch mirror's by {mirror_diff:.2e} "
                             f"(max_mirror_diff {cfg.max_mirror_diff:g}): the fitted values were not written "
                             "back as the mirror computes them")
-    _, fitted = _ort_scores(graph.model, genai, teacher, windows, picked)
+    fitted = _ort_scores(graph.model, genai, teacher, windows, picked)
     # Never ship a graph the fit made worse (too few steps for the learning rate, say): keep the requantized one.
     healed = fitted["kl"] < before["kl"]
     if healed:
-        large = graph.model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: keep big weights beside the graph
-        onnx.save(graph.model, str(out / MODEL), save_as_external_data=large, location=f"{MODEL}.data")
+        save_graph(graph.model, out)
     else:
         for f in src.glob("model.onnx*"):
             shutil.copy2(f, out / f.name)

@@ -19,7 +19,6 @@ head's quantized weights when the two are tied (``edgepeft.onnx.rewrite``).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 from edgepeft.calib.sets import calibration_windows
@@ -27,13 +26,12 @@ from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import write_atomic
 from edgepeft.onnx import quant
+from edgepeft.onnx.builder import MODEL, copy_beside_graph, save_graph
 from edgepeft.onnx.decoder import Decoder
 from edgepeft.onnx.mixed import Candidates, Scorer, search
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import RequantizeConfig
 from edgepeft.quality.scores import passed, table, verdict
-
-MODEL = "model.onnx"
 
 
 def run(ctx: StageContext) -> None:
@@ -45,9 +43,7 @@ def run(ctx: StageContext) -> None:
     src = ctx.artifact("export")
     out = ctx.output
     out.mkdir()
-    for f in src.iterdir():  # genai_config.json, tokenizer files
-        if not f.name.startswith("model.onnx"):
-            shutil.copy2(f, out / f.name)
+    copy_beside_graph(src, out)
     genai = src / "genai_config.json"
     tokenizer = AutoTokenizer.from_pretrained(src)
     windows, about = calibration_windows(ctx.recipe, tokenizer, cfg.calib_windows, cfg.calib_task_windows,
@@ -88,8 +84,7 @@ def run(ctx: StageContext) -> None:
         if not found["met"]:
             print("  even with every MatMul at int8 the calibration budgets are missed; the quality gate decides")
     fp32_bytes = sum(p.stat().st_size for p in src.glob("model.onnx*"))
-    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: keep big weights beside the graph
-    onnx.save(model, str(out / MODEL), save_as_external_data=large, location=f"{MODEL}.data")
+    save_graph(model, out)
     q_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     int8 = found["int8"] if found else []
     detail = {"method": cfg.method, "calibration": about, "bits": {n: 8 if n in int8 else target.bits

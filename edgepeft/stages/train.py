@@ -25,7 +25,7 @@ from pathlib import Path
 from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import latest_checkpoint
+from edgepeft.core.files import latest_checkpoint, write_checkpoint
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
@@ -69,27 +69,16 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler, losses: list[float]) -> Path:
-    import shutil
-
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    final = work / f"step-{step:06d}"
-    tmp = work / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, tmp / "adapter.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fp, "losses": losses}))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in sorted(work.glob("step-*"))[:-2]:  # keep the last two
-        shutil.rmtree(old)
-    return final
+    def write(folder: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(state, folder / "adapter.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optim.pt")
+
+    return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses}, write)
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
