@@ -77,8 +77,12 @@ def read_jsonl(path: Path) -> list[Sample]:
     if not path.is_file():
         raise EdgepeftError(f"data file not found: {path}")
     samples = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EdgepeftError(f"{path}:{i}: not UTF-8 text (byte {e.start} of the line); JSONL is UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -131,18 +135,29 @@ def _chat(tokenizer, messages, add_generation_prompt: bool) -> str:
                                          add_generation_prompt=add_generation_prompt)
 
 
+CHARS_PER_TOKEN_BOUND = 64  # no tokenizer's token spans more characters (text past it cannot reach max_length)
+
+
+def _clip(text: str, max_length: int) -> str:
+    """``text`` cut to what can matter for its first ``max_length`` tokens, before tokenizing: a 50 MB line
+    would otherwise cost gigabytes of token offsets only to be truncated."""
+    return text[:max_length * CHARS_PER_TOKEN_BOUND]
+
+
 def encode(tokenizer, sample: Sample, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE where no loss is taken), truncated to ``max_length``."""
     if sample.text is not None:
-        ids = tokenizer(sample.text, add_special_tokens=True)["input_ids"][:max_length]
+        ids = tokenizer(_clip(sample.text, max_length), add_special_tokens=True)["input_ids"][:max_length]
         return ids, list(ids)
     if sample.prompt is not None:
-        p = tokenizer(sample.prompt, add_special_tokens=True)["input_ids"]
-        c = tokenizer(sample.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        p = tokenizer(_clip(sample.prompt, max_length), add_special_tokens=True)["input_ids"]
+        c = tokenizer(_clip(sample.completion, max_length), add_special_tokens=False)["input_ids"] + \
+            [tokenizer.eos_token_id]
         ids = (p + c)[:max_length]
         return ids, ([IGNORE] * len(p) + c)[:max_length]
     if getattr(tokenizer, "chat_template", None) is None:
         raise EdgepeftError("data has 'messages' but the tokenizer has no chat template")
+    sample = Sample(messages=tuple((r, _clip(c, max_length)) for r, c in sample.messages))
     full = _chat(tokenizer, sample.messages, add_generation_prompt=False)
     spans = []  # character spans of assistant turns, including their end-of-turn marker
     for i, (role, _) in enumerate(sample.messages):

@@ -7,12 +7,13 @@ status 2; no traceback. ``EDGEPEFT_DEBUG=1`` shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
 
 from edgepeft import __version__
-from edgepeft.bundle.manifest import MANIFEST, check_files, read_manifest
+from edgepeft.bundle.manifest import MANIFEST, check_files, gate_failure, read_manifest
 from edgepeft.bundle.runner import Runner, verify
 from edgepeft.core.console import mb, quiet
 from edgepeft.core.errors import EdgepeftError
@@ -24,6 +25,9 @@ from edgepeft.pipeline.runner import run_stages
 from edgepeft.quality.gate import evaluate_bundle, failure
 from edgepeft.quality.reference import Reference
 from edgepeft.stages.registry import STAGES
+
+# errors of the machine a user fixes there (disk space, permissions), reported in one line
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _run_dir(args, recipe) -> RunDir:
@@ -50,6 +54,11 @@ def _verify(args) -> int:
 
     quiet()
     problems, sample = verify(Path(args.bundle))
+    gate = gate_failure(read_manifest(Path(args.bundle))) if not problems else None
+    if gate and args.allow_failed_gate:
+        print(f"edgepeft: warning: {gate}", file=sys.stderr)
+    elif gate:
+        problems = [f"{gate} (--allow-failed-gate accepts it)"]
     if problems:
         for p in problems:
             print(f"FAIL {p}", file=sys.stderr)
@@ -68,6 +77,9 @@ def _generate(args) -> int:
         if problems:
             raise EdgepeftError(f"{folder}: bundle does not match its manifest ({problems[0]}); "
                                 f"run `edgepeft verify {folder}`")
+    gate = gate_failure(manifest)
+    if gate:
+        print(f"edgepeft: warning: {gate}", file=sys.stderr)
     answer = Runner(folder, manifest).chat(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens)
     print(answer.text)
     return 0
@@ -218,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.set_defaults(func=_evaluate)
     v = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest, load it, generate")
     v.add_argument("bundle", help="bundle folder (dist/<recipe>/bundle/<target>)")
+    v.add_argument("--allow-failed-gate", action="store_true",
+                   help="pass a bundle whose manifest says its quality gate failed (with a warning)")
     v.set_defaults(func=_verify)
     pr = sub.add_parser("profile", help="latency profile of a bundle: load, prefill, decode by context, memory, "
                                         "floor, device estimate; report written into the bundle")
@@ -257,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("EDGEPEFT_DEBUG"):
             raise
         print(f"edgepeft: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # the machine, not edgepeft: a full disk, a read-only or forbidden folder. Said in one line; every stage
+        # and bundle section is written to a temporary path first, so nothing half-written is left behind.
+        if os.environ.get("EDGEPEFT_DEBUG") or e.errno not in USER_OS_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"edgepeft: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgepeft: interrupted (finished stages are kept; `--resume` continues training)", file=sys.stderr)

@@ -9,8 +9,8 @@ Reading a bundle never leaves it: manifest paths must be plain relative paths in
 symbolic links are refused.
 
 A finished bundle gains sections later (``profile/`` from ``edgepeft profile``, ``quality/`` from the quality
-gate) through ``add_section`` alone: the bundle is checked against its manifest first, the section is
-written beside it and swapped in whole, and the manifest re-sealed.
+gate) through ``add_section`` alone: the bundle is checked against its manifest first, then a new bundle
+folder (hard links, the section, the re-sealed manifest) replaces it in one swap: all or nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import file_table, replace_dir, sha256_file, write_atomic
+from edgepeft.core.files import file_table, link_tree, replace_dir, sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "edgepeft-bundle/1"
@@ -69,21 +69,35 @@ def reseal(folder: Path, manifest: dict, **entries) -> None:
 
 
 def add_section(folder: Path, manifest: dict, name: str, fill: Callable[[Path], None], **entries) -> Path:
-    """Put the folder ``name`` into a sealed bundle whose ``manifest`` came from ``open_for_update``: ``fill``
-    writes into a temporary folder beside it, which then replaces ``folder/name`` whole, and the manifest is
-    re-sealed with ``entries`` set. Returns the section's folder."""
+    """Put the folder ``name`` into a sealed bundle whose ``manifest`` came from ``open_for_update``, all or
+    nothing: a new bundle folder is built beside it (hard links to the unchanged files), ``fill`` writes the
+    section there, the manifest is re-sealed there with ``entries`` set, and the new folder then replaces the
+    bundle in one swap. Killed or out of disk at any point, the bundle is the old one or the new one, whole.
+    Returns the section's folder."""
     folder = Path(folder)
-    tmp = folder / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    new = folder.with_name(f".{folder.name}.new")
+    shutil.rmtree(new, ignore_errors=True)
     try:
-        fill(tmp)
+        link_tree(folder, new)
+        section = new / name
+        if section.exists():
+            shutil.rmtree(section)  # only unlinks: the bundle's own files stay as they are
+        section.mkdir()
+        fill(section)
+        reseal(new, manifest, **entries)  # the manifest is written anew (a rename), never through its link
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
         raise
-    replace_dir(tmp, folder / name)
-    reseal(folder, manifest, **entries)
+    replace_dir(new, folder)
     return folder / name
+
+
+def intact_bundle(folder: Path) -> list[str]:
+    """``check_files``, with an unreadable manifest reported as a problem rather than raised."""
+    try:
+        return check_files(folder)
+    except EdgepeftError as e:
+        return [str(e)]
 
 
 def _safe(folder: Path, rel: str) -> Path:
@@ -110,7 +124,24 @@ def read_manifest(folder: Path) -> dict:
         raise EdgepeftError(f"{path}: not an {FORMAT} manifest")
     for rel in manifest["files"]:
         _safe(folder, rel)
+    model_file, target = manifest.get("model_file"), manifest.get("target")
+    if not isinstance(model_file, str) or not isinstance(target, dict):
+        raise EdgepeftError(f"{path}: incomplete manifest (model_file and target are required)")
+    if model_file not in manifest["files"]:
+        _safe(folder, model_file)
+        raise EdgepeftError(f"{path}: model_file {model_file!r} is not one of the bundle's files")
     return manifest
+
+
+def gate_failure(manifest: dict) -> str | None:
+    """What the quality gate found wrong with this bundle, when it ran and failed; None otherwise."""
+    q = manifest.get("quality")
+    if not isinstance(q, dict) or q.get("passed") is not False:
+        return None
+    broken = [r.get("budget", "?") for r in q.get("rows", []) if isinstance(r, dict) and not r.get("passed")]
+    report = q.get("report", "quality/report.md")
+    return (f"this bundle FAILED its quality gate ({', '.join(broken) or 'see below'}; {report}): it does not "
+            "reproduce the model that was trained")
 
 
 def check_files(folder: Path, manifest: dict | None = None) -> list[str]:

@@ -40,7 +40,24 @@ class Runner:
             text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
         return [int(t) for t in self.tokenizer.encode(text)]
 
+    @property
+    def context_length(self) -> int | None:
+        try:
+            return int(json.loads((self.folder / "genai_config.json").read_text())["model"]["context_length"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def generate(self, ids: list[int], max_new_tokens: int = 48) -> Answer:
+        context = self.context_length
+        if max_new_tokens <= 0:
+            raise EdgepeftError(f"max_new_tokens {max_new_tokens}: must be at least 1")
+        if not ids:
+            raise EdgepeftError("the prompt is empty")
+        if context and len(ids) >= context:
+            raise EdgepeftError(f"the prompt is {len(ids)} tokens; the model's context holds {context} (prompt and "
+                                "answer together)")
+        if context:
+            max_new_tokens = min(max_new_tokens, context - len(ids))  # a huge request stops at the context's end
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         gen = self.og.Generator(self.model, params)

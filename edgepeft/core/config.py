@@ -7,6 +7,7 @@ table into that dataclass and rejects unknown keys and wrong types with the file
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -27,6 +28,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise EdgepeftError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise EdgepeftError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
+    except OSError as e:
+        raise EdgepeftError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -51,6 +56,22 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+def plain_name(name: Any) -> bool:
+    """A name that can be a folder of its own: not empty, no separator, not hidden, not ``.``/``..``."""
+    return isinstance(name, str) and bool(name) and not any(c in name for c in "/\\\0") \
+        and not name.startswith(".") and len(name) <= 128
+
+
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, list):
+        return any(_has_nan(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nan(v) for v in value.values())
+    return False
+
+
 def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
@@ -72,6 +93,8 @@ def from_table(cls: type[T], table: dict[str, Any] | None, where: str) -> T:
         raise EdgepeftError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in table.items():
+        if _has_nan(value):  # TOML's nan compares false with everything: every bound check would let it pass
+            raise EdgepeftError(f"{where}: {name} = {value!r}: nan is not a value (inf switches a budget off)")
         if not _type_ok(value, hints[name]):
             raise EdgepeftError(f"{where}: {name} = {value!r} must be {_describe(hints[name])}")
         kwargs[name] = value

@@ -7,9 +7,13 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+from edgepeft.core.errors import EdgepeftError, first_line
+
 RECORD = "record.json"  # a stage folder's record (see edgepeft.pipeline.stage); never part of its file table
+LOCK = ".lock"  # the lock file of a run folder (folder_lock)
 BUILTIN_PREFIX = "builtin:"  # a recipe value naming data edgepeft generates or ships, not a file
 
 
@@ -59,6 +63,52 @@ def file_table(folder: Path) -> dict[str, dict]:
     return table
 
 
+def table_problems(folder: Path, table: dict[str, dict], check_hashes: bool = True) -> list[str]:
+    """What differs between ``folder`` and a ``file_table`` it once had: missing files, other sizes, other
+    content (re-hashed unless ``check_hashes`` is off)."""
+    problems = []
+    for rel, entry in sorted(table.items()):
+        p = Path(folder) / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != entry.get("bytes"):
+            problems.append(f"{rel}: {p.stat().st_size} bytes, {entry.get('bytes')} when it was written")
+        elif check_hashes and sha256_file(p) != entry.get("sha256"):
+            problems.append(f"{rel}: content changed since it was written (sha256)")
+    return problems
+
+
+@contextmanager
+def folder_lock(folder: Path, hint: str = ""):
+    """Hold an exclusive lock on ``folder`` (on its ``.lock`` file) while the block runs; a second process asking
+    for it gets one clear error instead of sharing the folder's temporary files. The OS drops the lock when
+    its process dies, so a killed run never leaves the folder locked."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise EdgepeftError(f"{folder} is in use by another edgepeft process"
+                                f"{f' (pid {holder})' if holder.isdigit() else ''}; {hint or 'wait for it to finish'}"
+                                ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the file releases the lock
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write a file through a temporary sibling and a rename: a reader sees the old file or the new one."""
     path = Path(path)
@@ -106,6 +156,22 @@ def latest_checkpoint(work: Path, fingerprint: str) -> Path | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def read_latest_checkpoint(work: Path, fingerprint: str, read, say=print):
+    """``(checkpoint folder, read(folder))`` for the newest checkpoint of this fingerprint that can be read whole;
+    ``(None, None)`` when there is none. One that cannot be read (a corrupt or truncated file) is set aside as
+    ``bad-step-N`` with a line saying why, and the one before it is tried: a broken checkpoint never blocks
+    every later resume. ``read`` must only read (apply the state after it returned)."""
+    while (ckpt := latest_checkpoint(work, fingerprint)) is not None:
+        try:
+            return ckpt, read(ckpt)
+        except Exception as e:  # noqa: BLE001 (whatever the reader raises on a damaged file)
+            bad = ckpt.with_name(f"bad-{ckpt.name}")
+            shutil.rmtree(bad, ignore_errors=True)
+            ckpt.rename(bad)
+            say(f"  checkpoint {ckpt.name} cannot be read ({first_line(e)}): set aside as {bad.name}")
+    return None, None
 
 
 def write_checkpoint(work: Path, step: int, meta: dict, write) -> Path:

@@ -91,17 +91,22 @@ class Distiller:
 
         return write_checkpoint(work, step, {"fingerprint": fingerprint, "losses": self.losses}, write)
 
-    def load(self, ckpt: Path) -> int:
+    @staticmethod
+    def read(ckpt: Path) -> tuple[dict, dict, dict]:
+        """A checkpoint's parameters, optimizer state and meta, read whole before any is applied."""
         from safetensors.torch import load_file
 
-        saved = load_file(ckpt / "params.safetensors")
+        meta = json.loads((ckpt / "meta.json").read_text())
+        return load_file(ckpt / "params.safetensors"), torch.load(ckpt / "optim.pt", weights_only=True,
+                                                                    map_location="cpu"), meta
+
+    def load(self, saved: tuple[dict, dict, dict]) -> int:
+        params, state, meta = saved
         with torch.no_grad():
             for k, group in self.params.items():
                 for i, p in enumerate(group):
-                    p.copy_(saved[f"{k}.{i}"])
-        state = torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu")
+                    p.copy_(params[f"{k}.{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        meta = json.loads((ckpt / "meta.json").read_text())
         self.losses = meta["losses"]
         return meta["step"]

@@ -205,14 +205,18 @@ def check(bundle: Path, baseline_path: Path, update: bool = False, rounds: int |
     """Run the gate; returns the exit status (0 pass, 1 regression). ``update`` records a new baseline."""
 
     bundle, baseline_path = Path(bundle), Path(baseline_path)
-    model_file, genai_config, name = _model_of(bundle)
     base = None if update else read_baseline(baseline_path)
     settings = GateSettings(**base["settings"]) if base else GateSettings()
-    settings.rounds = rounds or GateSettings.rounds  # the baseline's own count does not carry over
+    settings.rounds = GateSettings.rounds if rounds is None else rounds  # the baseline's own count does not carry
     if tolerance is not None:
         settings.tolerance = tolerance
     if settings.rounds < 6:
-        raise EdgepeftError("latency-check: at least 6 rounds are needed for a confidence interval")
+        raise EdgepeftError(f"latency-check: --rounds {settings.rounds}: at least 6 rounds are needed for a "
+                            "confidence interval")
+    if not (math.isfinite(settings.tolerance) and 0 <= settings.tolerance < 10):
+        raise EdgepeftError(f"latency-check: tolerance {settings.tolerance}: the slowdown allowed must be a "
+                            "fraction between 0 and 10 (0.1 = 10%)")
+    model_file, genai_config, name = _model_of(bundle)
     if base and base.get("reference") != REFERENCE:
         raise EdgepeftError(f"{baseline_path}: recorded against reference workload {base.get('reference')}, this "
                             f"edgepeft uses {REFERENCE['name']}; record a new baseline with --update-baseline")

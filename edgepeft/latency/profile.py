@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepeft.bundle.manifest import add_section, open_for_update
+from edgepeft.bundle.manifest import MANIFEST, add_section, open_for_update, read_manifest
 from edgepeft.core.config import from_table
 from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError, first_line
@@ -404,8 +404,7 @@ def variant_of(path: Path, label: str | None = None) -> Variant:
     """A bundle folder, a folder with model.onnx + genai_config.json, or a model file next to its config."""
     path = Path(path)
     if path.is_dir():
-        manifest = path / "manifest.json"
-        name = json.loads(manifest.read_text())["model_file"] if manifest.is_file() else "model.onnx"
+        name = read_manifest(path)["model_file"] if (path / MANIFEST).is_file() else "model.onnx"
         model = path / name
     else:
         model = path
@@ -419,6 +418,8 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
                    compare: list[Path] = (), json_out: Path | None = None, write: bool = True) -> dict:
 
     bundle = Path(bundle)
+    if json_out and not Path(json_out).parent.is_dir():  # said now, not after minutes of measuring
+        raise EdgepeftError(f"--json {json_out}: folder {Path(json_out).parent} does not exist")
     manifest = open_for_update(bundle)
     if target_spec:
         target = target_mod.load(target_spec)

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgepeft.core.config import from_table, load_toml
+from edgepeft.core.config import from_table, load_toml, plain_name
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.pipeline import target as target_mod
 from edgepeft.pipeline.tables import (
@@ -89,7 +89,7 @@ def parse(data: dict, where: str, path: Path | None = None) -> Recipe:
             raise EdgepeftError(f"{where}: unknown key or table {key!r} "
                                 f"(known: name, target, extends, {', '.join('[' + s + ']' for s in SECTIONS)})")
     name = data.get("name", path.stem if path else "run")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+    if not plain_name(name):
         raise EdgepeftError(f"{where}: name must be a plain folder name, got {name!r}")
     sections = {key: from_table(cls, data.get(key), f"{where} [{key}]") for key, cls in SECTIONS.items()}
     spec = data.get("target", DEFAULT_TARGET)

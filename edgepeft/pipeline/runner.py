@@ -2,7 +2,8 @@
 
 Stage ``S`` writes its artifacts to ``<run>/S/`` and a ``record.json`` there: its config, the fingerprints
 of its inputs, the figures it measured, its time and the files it wrote. A rerun skips every stage whose
-fingerprint (``edgepeft.pipeline.stage``) did not change and redoes everything downstream of a change.
+fingerprint (``edgepeft.pipeline.stage``) did not change and whose files are still what its record says
+(re-hashed), and redoes everything downstream of a change or of a stage it had to run again.
 
 A stage writes into ``<run>/.S.tmp`` and is renamed to ``<run>/S`` only when it finished: a failure or an
 interrupt never leaves a half-written stage that a later run would take as done.
@@ -20,12 +21,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from edgepeft import __version__
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import RECORD, file_table, link_tree, replace_dir
+from edgepeft.core.files import RECORD, file_table, folder_lock, link_tree, replace_dir
 from edgepeft.pipeline.layout import RunDir
 from edgepeft.pipeline.stage import (
     Stage,
@@ -39,20 +41,37 @@ from edgepeft.pipeline.stage import (
 )
 
 
-def finished_elsewhere(run: RunDir, stage: str, fp: str) -> Path | None:
-    """A sibling run's folder of ``stage`` that finished with fingerprint ``fp`` and still has its files."""
-    for other in run.siblings(stage):
+def finished_elsewhere(run: RunDir, stage: Stage, fp: str) -> Path | None:
+    """A sibling run's folder of ``stage`` that finished with fingerprint ``fp`` and whose files are still, byte
+    for byte, what its record says (a changed file is never linked into this run)."""
+    for other in run.siblings(stage.name):
         if not (other / RECORD).is_file():
             continue
         try:
             record = read_record(other)
         except (OSError, ValueError):
             continue
-        if record.get("fingerprint") == fp and all(
-                (other / f).is_file() and (other / f).stat().st_size == e["bytes"]
-                for f, e in record.get("files", {}).items()):
+        if record.get("fingerprint") == fp and not stage.intact(other, record):
             return other
     return None
+
+
+def _finished_here(stage: Stage, final: Path, fp: str, echo) -> dict | None:
+    """The record of ``stage`` in this run when it finished with fingerprint ``fp`` and its files are intact."""
+    if not (final / RECORD).is_file():
+        return None
+    try:
+        record = read_record(final)
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fp:
+        return None
+    problems = stage.intact(final, record)
+    if problems:
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        echo(f"[{stage.name}] its finished folder changed ({problems[0]}{more}): running it again")
+        return None
+    return record
 
 
 def _distributed_state():
@@ -136,22 +155,33 @@ def run_stages(stages: list[Stage], recipe, run_dir: Path | RunDir, first: str |
 
     if main:
         run.path.mkdir(parents=True, exist_ok=True)
+    # One run at a time in a run folder: two would share its temporary stage folders. Only the main process
+    # holds the lock; the others of a distributed run work under it.
+    with folder_lock(run.path, "wait for it to finish, or give this run another --out") if main else nullcontext():
+        return _run_selected(selected, recipe, run, force, options, echo, dist, main, barrier)
+
+
+def _run_selected(selected, recipe, run: RunDir, force, options, echo, dist, main, barrier) -> dict[str, dict]:
     records: dict[str, dict] = {}
+    remade: set[str] = set()  # stages run again in this call: whatever reads them is run again too
     for stage in selected:
         barrier()  # every process sees the finished folders of the stages before this one
         upstream, outside = _inputs(stage, recipe, run)
         fp = fingerprint(stage, recipe, upstream, outside)
         final = run.stage(stage.name)
-        if not force and (final / RECORD).is_file() and read_record(final).get("fingerprint") == fp:
+        fresh_inputs = bool(remade.intersection(stage.reads))
+        done = None if force or fresh_inputs else _finished_here(stage, final, fp, echo)
+        if done is not None:
             echo(f"[{stage.name}] unchanged since its last run, skipped ({final})")
-            records[stage.name] = read_record(final)
+            records[stage.name] = done
             continue
-        other = finished_elsewhere(run, stage.name, fp) if stage.shared and not force else None
+        other = finished_elsewhere(run, stage, fp) if stage.shared and not (force or fresh_inputs) else None
         if other is not None:
             if main:
                 records[stage.name] = _reuse(stage, run, other)
                 echo(f"[{stage.name}] same inputs as {other}: reused (hard links)")
             continue
+        remade.add(stage.name)
         if not main and not stage.distributed:
             continue  # the main process runs it; the next barrier waits for it
         tmp = run.tmp(stage.name)

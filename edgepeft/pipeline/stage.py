@@ -25,7 +25,7 @@ from edgepeft import __version__
 from edgepeft.core import imports
 from edgepeft.core.config import as_dict
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import BUILTIN_PREFIX, RECORD, resolve_path, sha256_files, sha256_tree
+from edgepeft.core.files import BUILTIN_PREFIX, RECORD, resolve_path, sha256_files, sha256_tree, table_problems
 from edgepeft.pipeline.layout import ARTIFACTS, RunDir
 
 # The libraries whose version can change what a stage computes (the Python version too: the built-in prose
@@ -101,6 +101,9 @@ class Stage:
     distributed: bool = False
     # May be taken from a sibling run folder where it finished with the same fingerprint (edgepeft.pipeline.runner).
     shared: bool = False
+    # What is wrong with a finished folder of this stage, given its record (empty: intact). Checked before a
+    # rerun skips the stage and before a sibling's folder is reused: a changed byte means running it again.
+    intact: Callable[[Path, dict], list[str]] = lambda folder, record: record_intact(folder, record)
 
     @property
     def module(self) -> str:
@@ -169,6 +172,13 @@ def fingerprint(stage: Stage, recipe, upstream: dict[str, str], outside: dict[st
                "outside": outside, "edgepeft": __version__, "code": code_version(stage.module),
                "libraries": library_versions()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def record_intact(folder: Path, record: dict) -> list[str]:
+    """The files of a finished stage folder against the table its record holds (sizes and sha256)."""
+    if not isinstance(record.get("files"), dict):
+        return ["its record has no file table"]
+    return table_problems(folder, record["files"])
 
 
 def read_record(stage_dir: Path) -> dict:

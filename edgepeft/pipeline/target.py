@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgepeft.core.config import from_table, load_toml
+from edgepeft.core.config import from_table, load_toml, plain_name
 from edgepeft.core.errors import EdgepeftError
 
 FORMATS = ("onnx", "ort")
@@ -106,6 +106,8 @@ class Target:
     description: str = ""
 
     def check(self) -> str | None:
+        if not plain_name(self.name):  # the bundle's folder is dist/<recipe>/bundle/<name>
+            return f"name must be a plain folder name (no '/', not empty, not starting with '.'), got {self.name!r}"
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             return f"formats must be a non-empty list of {', '.join(FORMATS)} (got {self.formats})"

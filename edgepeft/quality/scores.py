@@ -54,8 +54,8 @@ class Budgets:
     def problems(self) -> str | None:
         for name in ("max_perplexity_increase", "max_kl", "max_accuracy_drop"):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                return f"{name} must not be negative"
+            if v is not None and (math.isnan(v) or v < 0):
+                return f"{name} must be a number, not negative"
         if self.min_next_token_agreement is not None and not 0 <= self.min_next_token_agreement <= 1:
             return "min_next_token_agreement must be in [0, 1]"
         return None
@@ -104,11 +104,12 @@ def verdict(figures: dict, budgets: Budgets, margin: float = 1.0) -> list[dict]:
     rows = []
     for key, fig, kind in CHECKS:
         limit = getattr(budgets, key)
-        if limit is None or fig not in figures or figures[fig] is None or not math.isfinite(figures[fig]):
+        if limit is None or figures.get(fig) is None:
             continue
         allowed = limit * margin if kind == "max" else 1 - (1 - limit) * margin
         value = figures[fig]
-        ok = value <= allowed if kind == "max" else value >= allowed
+        # a measured nan or inf is a broken model (or a broken measurement), never a pass
+        ok = math.isfinite(value) and (value <= allowed if kind == "max" else value >= allowed)
         rows.append({"budget": key, "measured": value, "allowed": allowed, "passed": ok,
                      "by": value - allowed if kind == "max" else allowed - value})
     return rows

@@ -27,7 +27,7 @@ import time
 
 from edgepeft import __version__
 from edgepeft.bundle import readiness
-from edgepeft.bundle.manifest import adapter_sha256, write_manifest
+from edgepeft.bundle.manifest import MANIFEST, adapter_sha256, intact_bundle, write_manifest
 from edgepeft.calib.data import recipe_splits
 from edgepeft.core.config import as_dict
 from edgepeft.core.console import mb
@@ -35,7 +35,7 @@ from edgepeft.core.errors import EdgepeftError
 from edgepeft.latency.profile import Variant, headline, measure, write_report
 from edgepeft.onnx.ortformat import to_ort
 from edgepeft.pipeline.layout import bundle_in
-from edgepeft.pipeline.stage import Stage, StageContext, user_files
+from edgepeft.pipeline.stage import Stage, StageContext, record_intact, user_files
 from edgepeft.pipeline.tables import TABLES
 
 # onnxruntime-genai reads tokenizer.json (+ its config); vocab.json/merges.txt would only repeat it (1.3 MB)
@@ -123,7 +123,17 @@ def run(ctx: StageContext) -> None:
                             f"{target.max_bundle_mb:g} MB")
 
 
+def intact(folder, record: dict) -> list[str]:
+    """A finished bundle stage: its sealed bundle checked against its own manifest (sections added later by
+    ``evaluate`` and ``profile`` are sealed there), the rest of the folder against the record."""
+    bundles = [m.parent for m in folder.glob(f"*/{MANIFEST}")]
+    sealed = tuple(f"{b.name}/" for b in bundles)
+    rest = {k: v for k, v in record.get("files", {}).items() if not k.startswith(sealed)}
+    return record_intact(folder, {**record, "files": rest}) + [
+        f"{b.name}: {p}" for b in bundles for p in intact_bundle(b)]
+
+
 STAGE = Stage("bundle", run, sections=("bundle", "target", "profile"),
               reads=("heal", "requantize", "export", "load", "quantize", "train"),
               files=lambda recipe: user_files(recipe, "train", "data", "validation_data"),
-              description="write the deployable bundle, profile its latency, seal its manifest")
+              description="write the deployable bundle, profile its latency, seal its manifest", intact=intact)

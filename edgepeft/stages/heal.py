@@ -28,7 +28,7 @@ import numpy as np
 from edgepeft.calib.sets import calibration_windows
 from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import latest_checkpoint, write_atomic
+from edgepeft.core.files import latest_checkpoint, read_latest_checkpoint, write_atomic
 from edgepeft.onnx.builder import MODEL, copy_beside_graph, save_graph
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import HealConfig
@@ -124,8 +124,10 @@ def run(ctx: StageContext) -> None:
     start = 0
     ckpt = latest_checkpoint(ctx.work, ctx.fingerprint)
     if ckpt is not None and ctx.options.get("resume"):
-        start = fit.load(ckpt)
-        print(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
+        ckpt, saved = read_latest_checkpoint(ctx.work, ctx.fingerprint, Distiller.read)
+        if ckpt is not None:
+            start = fit.load(saved)
+            print(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
     elif ckpt is not None:
         print(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
     t_fit = time.time()

@@ -25,7 +25,7 @@ from pathlib import Path
 from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import latest_checkpoint, write_checkpoint
+from edgepeft.core.files import latest_checkpoint, read_latest_checkpoint, write_checkpoint
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
@@ -81,16 +81,23 @@ def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler
     return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses}, write)
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
+def _read_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
+    """A checkpoint's adapter weights, optimizer state and meta, read whole before any is applied."""
     import torch
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
-    state = torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    return (load_file(ckpt / "adapter.safetensors"),
+            torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu"), meta)
+
+
+def _load_checkpoint(saved: tuple[dict, dict, dict], model, optimizer, scheduler) -> tuple[int, list[float]]:
+    from peft import set_peft_model_state_dict
+
+    adapter, state, meta = saved
+    set_peft_model_state_dict(model, adapter)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    meta = json.loads((ckpt / "meta.json").read_text())
     return meta["step"], meta["losses"]
 
 
@@ -187,8 +194,12 @@ def run(ctx: StageContext) -> None:
     start, losses = 0, []
     ckpt = latest_checkpoint(ctx.work, fp)
     if ckpt is not None and ctx.options.get("resume"):
-        start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler)
-        say(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
+        ckpt, saved = read_latest_checkpoint(ctx.work, fp, _read_checkpoint, say)
+        if ckpt is not None:
+            start, losses = _load_checkpoint(saved, model, optimizer, scheduler)
+            say(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
+        else:
+            say("  no readable checkpoint left: starting over")
     elif ckpt is not None:
         say(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
