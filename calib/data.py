@@ -82,7 +82,7 @@ def read_jsonl(path: Path) -> list[Sample]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise EdgepeftError(f"{path}:{i}: not UTF-8 text (byte {e.start} of the line); JSONL is UTF-8") from None
+                raise EdgepeftError(f"{path}:{i}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
