@@ -343,3 +343,21 @@ def test_a_corrupt_checkpoint_is_set_aside_and_does_not_block_resuming(tiny_run,
     assert "checkpoint step-000002 cannot be read" in capsys.readouterr().out
     assert not ckpt.exists()  # set aside, so it blocks nothing
     assert not (out / ".heal.work").exists() or (out / ".heal.work" / "bad-step-000002").is_dir()
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 100), "not a safetensors file"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-1000]), "truncated"),
+    (lambda d: (d / "model.safetensors").rename(d / "weights.safetensors"), "name the weights model.safetensors"),
+])
+def test_damaged_weights_are_found_in_preflight(tiny_model_dir, tmp_path, damage, words):
+    from edgepeft.models.sources import resolve
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    resolve(str(model))  # intact: accepted
+    damage(model)
+    with pytest.raises(EdgepeftError, match=words):
+        resolve(str(model))
+    path = write_recipe(tmp_path / "r.toml", model)
+    assert words in one_line(cli("run", str(path), "--out", str(tmp_path / "o")))

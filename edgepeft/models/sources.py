@@ -8,6 +8,7 @@ never set, so loading a model cannot run code that came with it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,59 @@ def resolve(spec: str, base_dir: Path | None = None) -> ModelSource:
             raise EdgepeftError(f"{spec}: not a Hugging Face model folder (no config.json)")
         if not any(p.suffix == ".safetensors" for p in path.iterdir()):
             raise EdgepeftError(f"{spec}: no .safetensors weights (edgepeft does not load pickled weights)")
+        check_weights(path, spec)
         return ModelSource(spec, "dir", path.resolve())
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_hf_cache(spec)
     known = ", ".join(BUILTIN_MODELS)
     raise EdgepeftError(f"model {spec!r} not found: not a folder, a .gguf file, a model id in the local "
                         f"Hugging Face cache, or a built-in name ({known})")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (its header read and checked against its size), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100_000_000):
+            return "not a safetensors file (bad header length)"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "not a safetensors file (unreadable header)"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if not ends or len(ends) != len([k for k in header if k != "__metadata__"]):
+        return "not a safetensors file (no tensors in its header)"
+    if 8 + n + max(ends) > size:
+        return f"truncated ({size} bytes, its header needs {8 + n + max(ends)})"
+    return None
+
+
+def check_weights(folder: Path, spec: str) -> None:
+    """The weight files transformers will read in a model folder are there and whole, in one clear line if
+    not (read without loading them: headers and sizes)."""
+    names = {p.name for p in folder.iterdir()}
+    if "model.safetensors.index.json" in names:
+        try:
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise EdgepeftError(f"{spec}: model.safetensors.index.json is not a valid index") from None
+        missing = [n for n in shards if n not in names]
+        if missing:
+            raise EdgepeftError(f"{spec}: model.safetensors.index.json names {missing[0]}, which is not there")
+    elif "model.safetensors" in names:
+        shards = ["model.safetensors"]
+    else:
+        found = ", ".join(sorted(n for n in names if n.endswith(".safetensors")))
+        raise EdgepeftError(f"{spec}: no model.safetensors (or model.safetensors.index.json); found {found}: "
+                            "name the weights model.safetensors")
+    for name in shards:
+        problem = _safetensors_problem(folder / name)
+        if problem:
+            raise EdgepeftError(f"{spec}: {name} is {problem}")
 
 
 def _from_hf_cache(repo_id: str) -> ModelSource:
