@@ -27,11 +27,14 @@ from edgepeft.quality.reference import Reference
 from edgepeft.stages.registry import STAGES
 
 # errors of the machine a user fixes there (disk space, permissions), reported in one line
-USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 def _run_dir(args, recipe) -> RunDir:
-    return RunDir(args.out) if args.out else RunDir.default(recipe.name)
+    run = RunDir(args.out) if args.out else RunDir.default(recipe.name)
+    if run.path.exists() and not run.path.is_dir():
+        raise EdgepeftError(f"--out {run.path}: a file is there; the run folder must be a folder")
+    return run
 
 
 def _run(args, first=None, last=None) -> int:
@@ -88,8 +91,9 @@ def _generate(args) -> int:
 def _profile(args) -> int:
 
     cfg = None
-    if args.lengths or args.repeats:
-        cfg = ProfileConfig(**{k: v for k, v in (("lengths", args.lengths), ("repeats", args.repeats)) if v})
+    if args.lengths is not None or args.repeats is not None:
+        cfg = ProfileConfig(**{k: v for k, v in (("lengths", args.lengths), ("repeats", args.repeats))
+                               if v is not None})
         problem = cfg.check()
         if problem:
             raise EdgepeftError(f"profile: {problem}")

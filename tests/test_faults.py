@@ -361,3 +361,21 @@ def test_damaged_weights_are_found_in_preflight(tiny_model_dir, tmp_path, damage
         resolve(str(model))
     path = write_recipe(tmp_path / "r.toml", model)
     assert words in one_line(cli("run", str(path), "--out", str(tmp_path / "o")))
+
+
+def test_more_bad_input_found_by_trying(tiny_run, tmp_path, tiny_model_dir):
+    """Found by trying ~75 bad inputs on the CLI (the closing note of #19 has the list)."""
+    recipe = str(tiny_run["recipe"])
+    (tmp_path / "afile").write_text("x")
+    assert "a file is there" in one_line(cli("run", recipe, "--out", str(tmp_path / "afile")))
+    assert "a folder, not a TOML file" in one_line(cli("run", str(tmp_path)))
+    assert "repeats must be positive" in one_line(cli("profile", str(tiny_run["bundle"]), "--repeats", "0"))
+    path = write_recipe(tmp_path / "r.toml", tiny_model_dir, extra="weight_decay = inf")
+    assert "weight_decay = inf: must be finite" in one_line(cli("run", str(path), "--out", str(tmp_path / "o")))
+
+
+def test_a_prompt_of_100_kb_on_the_command_line_is_one_line_not_a_crash(tiny_run):
+    """onnxruntime-genai's Model() needs most of an 8 MB main-thread stack, which argv shares: it is built on a
+    thread with a large stack (bundle.runner.with_large_stack); before, this died with SIGSEGV."""
+    r = cli("generate", str(tiny_run["bundle"]), "word " * 20000)
+    assert "the model's context holds" in one_line(r)

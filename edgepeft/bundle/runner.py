@@ -4,6 +4,7 @@ folder, no PyTorch or transformers. ``verify`` re-hashes a bundle and generates 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,31 @@ class Answer:
     seconds: float
 
 
+def with_large_stack(fn, size: int = 256 << 20):
+    """``fn()`` run on a thread with a ``size``-byte stack. onnxruntime-genai 0.15's ``Model()`` uses nearly all
+    of the main thread's 8 MB stack, which the process's command line and environment share: a prompt of ~30 KB
+    on the command line crashed it (SIGSEGV) in ``edgepeft generate``."""
+    out: list = []
+
+    def target():
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            out.append((False, e))
+
+    old = threading.stack_size(size)
+    try:
+        t = threading.Thread(target=target, name="edgepeft-large-stack")
+        t.start()
+    finally:
+        threading.stack_size(old)
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
 class Runner:
     """Generate from a bundle with onnxruntime-genai only."""
 
@@ -28,7 +54,7 @@ class Runner:
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else read_manifest(self.folder)
         try:
-            self.model = og.Model(str(self.folder))
+            self.model = with_large_stack(lambda: og.Model(str(self.folder)))
         except Exception as e:  # the runtime's own message, on one line
             raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first_line(e)}") from None
         self.tokenizer = og.Tokenizer(self.model)

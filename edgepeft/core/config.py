@@ -21,6 +21,8 @@ T = TypeVar("T")
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise EdgepeftError(f"{path}: a folder, not a TOML file")
     if not path.is_file():
         raise EdgepeftError(f"{path}: no such file")
     try:
@@ -62,13 +64,14 @@ def plain_name(name: Any) -> bool:
         and not name.startswith(".") and len(name) <= 128
 
 
-def _has_nan(value: Any) -> bool:
+def _has(value: Any, test) -> bool:
+    """Whether a float in ``value`` (or in a list or table inside it) passes ``test`` (math.isnan, math.isinf)."""
     if isinstance(value, float):
-        return math.isnan(value)
+        return test(value)
     if isinstance(value, list):
-        return any(_has_nan(v) for v in value)
+        return any(_has(v, test) for v in value)
     if isinstance(value, dict):
-        return any(_has_nan(v) for v in value.values())
+        return any(_has(v, test) for v in value.values())
     return False
 
 
@@ -93,8 +96,10 @@ def from_table(cls: type[T], table: dict[str, Any] | None, where: str) -> T:
         raise EdgepeftError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in table.items():
-        if _has_nan(value):  # TOML's nan compares false with everything: every bound check would let it pass
+        if _has(value, math.isnan):  # nan compares false with everything: every bound check would let it pass
             raise EdgepeftError(f"{where}: {name} = {value!r}: nan is not a value (inf switches a budget off)")
+        if _has(value, math.isinf) and not name.startswith("max_"):
+            raise EdgepeftError(f"{where}: {name} = {value!r}: must be finite (inf only lifts a max_* limit)")
         if not _type_ok(value, hints[name]):
             raise EdgepeftError(f"{where}: {name} = {value!r} must be {_describe(hints[name])}")
         kwargs[name] = value
