@@ -372,6 +372,9 @@ def test_more_bad_input_found_by_trying(tiny_run, tmp_path, tiny_model_dir):
     assert "repeats must be positive" in one_line(cli("profile", str(tiny_run["bundle"]), "--repeats", "0"))
     path = write_recipe(tmp_path / "r.toml", tiny_model_dir, extra="weight_decay = inf")
     assert "weight_decay = inf: must be finite" in one_line(cli("run", str(path), "--out", str(tmp_path / "o")))
+    path = write_recipe(tmp_path / "d.toml", tiny_model_dir)
+    path.write_text(path.read_text().replace("alpha = 16", "alpha = 16\ndropout = 2.0"))
+    assert "dropout must be in [0, 1)" in one_line(cli("run", str(path), "--out", str(tmp_path / "o")))
 
 
 def test_a_prompt_of_100_kb_on_the_command_line_is_one_line_not_a_crash(tiny_run):

@@ -48,6 +48,8 @@ class AdapterConfig:
     def check(self) -> str | None:
         if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
             return "r and alpha must be positive"
+        if not 0 <= self.dropout < 1:
+            return f"dropout must be in [0, 1) (got {self.dropout})"
         if self.method == "ia3" and self.target_modules == "all-linear":
             return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
         if self.feedforward_modules and self.method != "ia3":
