@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from edgepeft.core.errors import EdgepeftError
@@ -52,7 +53,9 @@ def test_local_folder_and_hf_cache(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "model.safetensors"))  # whole, but not a model we take
     with pytest.raises(EdgepeftError, match="model type 'gpt2' is not supported"):
         load_config(resolve(str(tmp_path)))
 
