@@ -97,6 +97,17 @@ def test_exports_differ_where_the_targets_differ(bundles):
     assert prof is not None and (android / "profile").is_dir()
 
 
+def test_heal_fits_the_desktop_graph_with_its_zero_points_on_x86_kernels(bundles):
+    """The desktop bundle is healed too: on its zero-point weights (the mirror subtracts them as the kernel does:
+    ONNX Runtime computes what the mirror computes) against MLAS's per-block int8 rounding; iOS, the same
+    kernels as Android, takes Android's healed graph."""
+    cpu, ios = bundles["cpu"]["records"]["heal"], bundles["ios"]["records"]["heal"]
+    f = cpu["figures"]
+    assert "reused_from" not in cpu and f["activation_rounding"] == "blockwise" and not f["bf16_scales"]
+    assert f["mirror_vs_ort_max_logit_diff"] < 1e-3
+    assert ios["reused_from"] == str(bundles["android"]["out"] / "heal")
+
+
 def test_sibling_runs_share_the_stages_that_do_not_depend_on_the_target(bundles):
     android, ios, cpu = (bundles[n] for n in ("android", "ios", "cpu"))
     for stage in ("load", "quantize", "train", "merge", "export", "requantize"):
