@@ -116,6 +116,16 @@ def test_a_target_name_cannot_leave_the_run_folder(tmp_path, tiny_model_dir, nam
         recipe_mod.load(tmp_path / "r.toml")
 
 
+def test_a_target_opset_below_the_builders_fails_before_training(tmp_path, tiny_model_dir):
+    (tmp_path / "targets").mkdir()
+    src = (recipe_mod.Path(__file__).parent.parent / "targets" / "android-arm64.toml").read_text()
+    (tmp_path / "targets" / "old.toml").write_text(src.replace("opset = 21", "opset = 5"))
+    path = write_recipe(tmp_path / "r.toml", tiny_model_dir, target="old")
+    assert "needs ai.onnx opset 21, target android-arm64 supports up to 5" in one_line(
+        cli("run", str(path), "--out", str(tmp_path / "o")))
+    assert not (tmp_path / "o" / "train").exists()
+
+
 # --- bundles: what the manifest says is checked -----------------------------------------------------------
 
 def _resealed(run, tmp_path, change):

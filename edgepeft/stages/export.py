@@ -65,6 +65,17 @@ def run(ctx: StageContext) -> None:
                             f"more than max_logit_diff = {cfg.max_logit_diff:g}")
 
 
-STAGE = Stage("export", run, sections=("export", "target_opset"), reads=("merge",),
+# The ai.onnx opset onnxruntime-genai 0.15's model builder writes: a target below it is refused before the
+# first stage runs (the built graph's own opset is checked again after the build).
+BUILDER_OPSET = 21
+
+
+def preflight(recipe) -> None:
+    if recipe.target.opset < BUILDER_OPSET:
+        raise EdgepeftError(f"[export] the graph needs ai.onnx opset {BUILDER_OPSET}, target {recipe.target.name} "
+                            f"supports up to {recipe.target.opset}")
+
+
+STAGE = Stage("export", run, sections=("export", "target_opset"), reads=("merge",), preflight=preflight,
               files=lambda recipe: user_files(recipe, "merge", "eval_text"), shared=True,
               description="export the merged model to fp32 ONNX with a KV cache, check it against PyTorch")
