@@ -295,6 +295,22 @@ def test_a_kill_while_adding_a_section_leaves_the_bundle_whole(tiny_run, tmp_pat
     assert not list(tmp_path.glob(".b.*"))
 
 
+def test_two_commands_adding_sections_to_one_bundle_do_not_mix(tiny_run, tmp_path):
+    from edgepeft.bundle.manifest import add_section, open_for_update
+    from edgepeft.bundle.runner import verify
+    from edgepeft.core.files import folder_lock
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_run["bundle"], copy)
+    manifest = open_for_update(copy)
+    with folder_lock(tmp_path), pytest.raises(EdgepeftError, match="adding a section to this bundle"):
+        add_section(copy, manifest, "profile", lambda d: (d / "r.md").write_text("a"))
+    add_section(copy, open_for_update(copy), "profile", lambda d: (d / "r.md").write_text("b"))
+    with pytest.raises(EdgepeftError, match="changed since its manifest was read"):  # read before the other's
+        add_section(copy, manifest, "quality", lambda d: (d / "q.md").write_text("c"))
+    assert verify(copy)[0] == [] and (copy / "profile" / "r.md").read_text() == "b"
+
+
 def test_profile_json_into_a_missing_folder_fails_before_measuring(tiny_run, tmp_path):
     from edgepeft.latency.profile import profile_bundle
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import file_table, link_tree, replace_dir, sha256_file, write_atomic
+from edgepeft.core.files import file_table, folder_lock, link_tree, replace_dir, sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "edgepeft-bundle/1"
@@ -76,6 +76,15 @@ def add_section(folder: Path, manifest: dict, name: str, fill: Callable[[Path], 
     Returns the section's folder."""
     folder = Path(folder)
     new = folder.with_name(f".{folder.name}.new")
+    with folder_lock(folder.parent, "another edgepeft command is adding a section to this bundle; wait for it"):
+        if read_manifest(folder) != manifest:
+            raise EdgepeftError(f"{folder}: the bundle changed since its manifest was read (another command added "
+                                "a section); run this again")
+        _swap_in_section(folder, new, manifest, name, fill, entries)
+    return folder / name
+
+
+def _swap_in_section(folder: Path, new: Path, manifest: dict, name: str, fill, entries: dict) -> None:
     shutil.rmtree(new, ignore_errors=True)
     try:
         link_tree(folder, new)
@@ -89,7 +98,6 @@ def add_section(folder: Path, manifest: dict, name: str, fill: Callable[[Path], 
         shutil.rmtree(new, ignore_errors=True)
         raise
     replace_dir(new, folder)
-    return folder / name
 
 
 def intact_bundle(folder: Path) -> list[str]:
