@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import file_table, folder_lock, link_tree, replace_dir, sha256_file, write_atomic
+from edgepeft.core.files import file_table, folder_lock, link_tree, replace_dir, table_problems, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "edgepeft-bundle/1"
@@ -163,16 +163,9 @@ def check_files(folder: Path, manifest: dict | None = None) -> list[str]:
     if raw != seal(json.loads(raw)) or json.loads(raw) != manifest:
         problems.append(f"{MANIFEST}: altered (its content does not match its own manifest_sha256)")
     listed = manifest["files"]
-    for rel, entry in sorted(listed.items()):
-        p = _safe(folder, rel)
-        if p.is_symlink():
-            problems.append(f"{rel}: is a symbolic link")
-        elif not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif p.stat().st_size != entry.get("bytes"):
-            problems.append(f"{rel}: size {p.stat().st_size} bytes, manifest says {entry.get('bytes')}")
-        elif sha256_file(p) != entry.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from the manifest")
+    links = {rel for rel in listed if _safe(folder, rel).is_symlink()}
+    problems += [f"{rel}: is a symbolic link" for rel in sorted(links)]
+    problems += table_problems(folder, {k: v for k, v in listed.items() if k not in links}, "the manifest")
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in listed:

@@ -63,18 +63,18 @@ def file_table(folder: Path) -> dict[str, dict]:
     return table
 
 
-def table_problems(folder: Path, table: dict[str, dict], check_hashes: bool = True) -> list[str]:
-    """What differs between ``folder`` and a ``file_table`` it once had: missing files, other sizes, other
-    content (re-hashed unless ``check_hashes`` is off)."""
+def table_problems(folder: Path, table: dict[str, dict], source: str = "its record") -> list[str]:
+    """What differs between ``folder`` and a ``file_table`` it once had (``source`` names where the table is
+    kept, for the messages): missing files, other sizes, other content (re-hashed)."""
     problems = []
     for rel, entry in sorted(table.items()):
         p = Path(folder) / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")
         elif p.stat().st_size != entry.get("bytes"):
-            problems.append(f"{rel}: {p.stat().st_size} bytes, {entry.get('bytes')} when it was written")
-        elif check_hashes and sha256_file(p) != entry.get("sha256"):
-            problems.append(f"{rel}: content changed since it was written (sha256)")
+            problems.append(f"{rel}: size {p.stat().st_size} bytes, {source} says {entry.get('bytes')}")
+        elif sha256_file(p) != entry.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from {source}")
     return problems
 
 
