@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgepeft.bundle.manifest import check_files, read_manifest
 from edgepeft.core.errors import EdgepeftError, first_line
+from edgepeft.onnx.decoder import context_length
 
 
 @dataclass
@@ -59,19 +60,13 @@ class Runner:
             raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first_line(e)}") from None
         self.tokenizer = og.Tokenizer(self.model)
         self.og = og
+        self.context_length = context_length(self.folder / "genai_config.json")  # the config og.Model just read
 
     def prompt_ids(self, messages: list[tuple[str, str]] | None = None, text: str | None = None) -> list[int]:
         if messages is not None:
             chat = json.dumps([{"role": r, "content": c} for r, c in messages])
             text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
         return [int(t) for t in self.tokenizer.encode(text)]
-
-    @property
-    def context_length(self) -> int | None:
-        try:
-            return int(json.loads((self.folder / "genai_config.json").read_text())["model"]["context_length"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
 
     def generate(self, ids: list[int], max_new_tokens: int = 48) -> Answer:
         context = self.context_length

@@ -35,7 +35,7 @@ from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError, first_line
 from edgepeft.core.files import write_atomic
 from edgepeft.latency import costmodel
-from edgepeft.onnx.decoder import Decoder, random_prompt, resolve_providers, timed_generation
+from edgepeft.onnx.decoder import Decoder, context_length, random_prompt, resolve_providers, timed_generation
 from edgepeft.pipeline import target as target_mod
 
 FORMAT = "edgepeft-profile/1"
@@ -188,8 +188,7 @@ def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | 
         if threads < target.threads:
             warnings.append(f"target {target.name} runs {target.threads} threads; this machine has {threads} cores, "
                             f"so the profile ran {threads}")
-    limit = min((json.loads(v.genai_config.read_text())["model"].get("context_length") or math.inf)
-                for v in variants)
+    limit = min((context_length(v.genai_config) or math.inf) for v in variants)
     lengths = [n for n in cfg.lengths if n + cfg.decode_tokens <= limit]
     if len(lengths) < len(cfg.lengths):
         warnings.append(f"lengths {[n for n in cfg.lengths if n not in lengths]} do not fit the model's context "

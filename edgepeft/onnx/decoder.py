@@ -72,6 +72,12 @@ def session(path: Path | bytes, threads: int | None = None, providers: list[str]
     return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
 
 
+def context_length(genai_config: Path) -> int | None:
+    """The tokens a model holds, prompt and answer together, as its onnxruntime-genai config states (None: not
+    stated)."""
+    return json.loads(Path(genai_config).read_text())["model"].get("context_length")
+
+
 class Decoder:
     """One decoder graph: ``prefill`` a prompt, then ``step`` one token at a time on the returned cache."""
 
