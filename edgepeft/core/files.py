@@ -158,29 +158,52 @@ def latest_checkpoint(work: Path, fingerprint: str) -> Path | None:
     return None
 
 
-def read_latest_checkpoint(work: Path, fingerprint: str, read, say=print):
-    """``(checkpoint folder, read(folder))`` for the newest checkpoint of this fingerprint that can be read whole;
-    ``(None, None)`` when there is none. One that cannot be read (a corrupt or truncated file) is set aside as
-    ``bad-step-N`` with a line saying why, and the one before it is tried: a broken checkpoint never blocks
-    every later resume. ``read`` must only read (apply the state after it returned)."""
-    while (ckpt := latest_checkpoint(work, fingerprint)) is not None:
+def resume_checkpoint(work: Path, fingerprint: str, resume: bool, weights: str, steps: int, say=print):
+    """What a stage continues from: ``(tensors, optimizer and scheduler state, meta)`` of the newest checkpoint
+    of this fingerprint (as ``write_checkpoint`` wrote it, ``weights`` naming its safetensors file), read whole
+    before any of it is applied; None to start from step 0, said in one line when a checkpoint was there.
+    Without ``resume`` a checkpoint is only pointed out. One that cannot be read (a corrupt or truncated file)
+    is set aside as ``bad-step-N``, with a line saying why, and the one before it is tried: a broken
+    checkpoint never blocks every later resume."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(work, fingerprint)
+    if ckpt is not None and not resume:
+        say(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
+        return None
+    tried = ckpt is not None
+    while ckpt is not None:
         try:
-            return ckpt, read(ckpt)
-        except Exception as e:  # noqa: BLE001 (whatever the reader raises on a damaged file)
+            meta = json.loads((ckpt / "meta.json").read_text())
+            saved = (load_file(ckpt / weights), torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu"),
+                     meta)
+        except Exception as e:  # noqa: BLE001 (whatever the readers raise on a damaged file)
             bad = ckpt.with_name(f"bad-{ckpt.name}")
             shutil.rmtree(bad, ignore_errors=True)
             ckpt.rename(bad)
             say(f"  checkpoint {ckpt.name} cannot be read ({first_line(e)}): set aside as {bad.name}")
-    return None, None
+            ckpt = latest_checkpoint(work, fingerprint)
+            continue
+        say(f"  resumed from {ckpt.name} (step {meta['step']} of {steps})")
+        return saved
+    if tried:
+        say("  no readable checkpoint left: starting over")
+    return None
 
 
-def write_checkpoint(work: Path, step: int, meta: dict, write) -> Path:
-    """``work/step-NNNNNN`` holding what ``write(folder)`` puts there and ``meta.json`` (``meta`` and the step),
-    written whole: into a temporary folder, then renamed. Keeps the last two checkpoints."""
+def write_checkpoint(work: Path, step: int, meta: dict, tensors: dict, weights: str, optimizer, scheduler) -> Path:
+    """``work/step-NNNNNN``: ``tensors`` (safetensors, as ``weights``), the optimizer's and scheduler's state
+    (``optim.pt``) and ``meta.json`` (``meta`` and the step), written whole: into a temporary folder, then
+    renamed. Keeps the last two checkpoints. ``resume_checkpoint`` reads it back."""
+    import torch
+    from safetensors.torch import save_file
+
     final, tmp = work / f"step-{step:06d}", work / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    save_file(tensors, tmp / weights)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -9,7 +9,6 @@ the losses, so a run resumed from a checkpoint takes exactly the steps an uninte
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from edgepeft.core.files import write_checkpoint
 
+WEIGHTS = "params.safetensors"  # a checkpoint's fitted parameters
 NORM_LR_RATIO = 0.5  # the norm weights (few, each read by a whole layer) move at half the scales' rate
 
 
@@ -81,26 +81,12 @@ class Distiller:
         return self.losses[-1]
 
     def save(self, work: Path, step: int, fingerprint: str) -> Path:
-        from safetensors.torch import save_file
-
-        def write(folder: Path) -> None:
-            save_file({f"{k}.{i}": p.detach().contiguous() for k, group in self.params.items()
-                       for i, p in enumerate(group)}, folder / "params.safetensors")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       folder / "optim.pt")
-
-        return write_checkpoint(work, step, {"fingerprint": fingerprint, "losses": self.losses}, write)
-
-    @staticmethod
-    def read(ckpt: Path) -> tuple[dict, dict, dict]:
-        """A checkpoint's parameters, optimizer state and meta, read whole before any is applied."""
-        from safetensors.torch import load_file
-
-        meta = json.loads((ckpt / "meta.json").read_text())
-        return load_file(ckpt / "params.safetensors"), torch.load(ckpt / "optim.pt", weights_only=True,
-                                                                    map_location="cpu"), meta
+        tensors = {f"{k}.{i}": p.detach().contiguous() for k, group in self.params.items() for i, p in enumerate(group)}
+        return write_checkpoint(work, step, {"fingerprint": fingerprint, "losses": self.losses}, tensors, WEIGHTS,
+                                self.optimizer, self.scheduler)
 
     def load(self, saved: tuple[dict, dict, dict]) -> int:
+        """Continue from what ``core.files.resume_checkpoint`` read; returns the step to go on from."""
         params, state, meta = saved
         with torch.no_grad():
             for k, group in self.params.items():

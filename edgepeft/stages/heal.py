@@ -28,7 +28,7 @@ import numpy as np
 from edgepeft.calib.sets import calibration_windows
 from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import latest_checkpoint, read_latest_checkpoint, write_atomic
+from edgepeft.core.files import resume_checkpoint, write_atomic
 from edgepeft.onnx.builder import MODEL, copy_beside_graph, save_graph
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import HealConfig
@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from edgepeft.heal.distill import Distiller, teacher_log_probs, window_of
+    from edgepeft.heal.distill import WEIGHTS, Distiller, teacher_log_probs, window_of
     from edgepeft.heal.mirror import GraphWeights, Mirror
 
     cfg: HealConfig = ctx.config
@@ -121,15 +121,8 @@ def run(ctx: StageContext) -> None:
     scheme = kernels.activation_rounding
     mirror = Mirror(graph, config, scheme, kernels.bf16_scales)
     fit = Distiller(mirror, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.norms)
-    start = 0
-    ckpt = latest_checkpoint(ctx.work, ctx.fingerprint)
-    if ckpt is not None and ctx.options.get("resume"):
-        ckpt, saved = read_latest_checkpoint(ctx.work, ctx.fingerprint, Distiller.read)
-        if ckpt is not None:
-            start = fit.load(saved)
-            print(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
-    elif ckpt is not None:
-        print(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
+    saved = resume_checkpoint(ctx.work, ctx.fingerprint, ctx.options.get("resume"), WEIGHTS, cfg.steps)
+    start = fit.load(saved) if saved is not None else 0
     t_fit = time.time()
     with progress(cfg.steps, f"heal (KL to the trained model, {scheme or 'float'} activations)", "step",
                   initial=start) as bar:

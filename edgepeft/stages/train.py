@@ -15,7 +15,6 @@ scheduler state) live in ``<run>/.train.work`` until the stage succeeds.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.core.files import latest_checkpoint, read_latest_checkpoint, write_checkpoint
+from edgepeft.core.files import resume_checkpoint, write_checkpoint
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
@@ -68,27 +67,15 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+ADAPTER_WEIGHTS = "adapter.safetensors"  # a checkpoint's adapter weights (peft's state dict)
+
+
 def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler, losses: list[float]) -> Path:
-    import torch
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    def write(folder: Path) -> None:
-        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(state, folder / "adapter.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optim.pt")
-
-    return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses}, write)
-
-
-def _read_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
-    """A checkpoint's adapter weights, optimizer state and meta, read whole before any is applied."""
-    import torch
-    from safetensors.torch import load_file
-
-    meta = json.loads((ckpt / "meta.json").read_text())
-    return (load_file(ckpt / "adapter.safetensors"),
-            torch.load(ckpt / "optim.pt", weights_only=True, map_location="cpu"), meta)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses}, state, ADAPTER_WEIGHTS, optimizer,
+                            scheduler)
 
 
 def _load_checkpoint(saved: tuple[dict, dict, dict], model, optimizer, scheduler) -> tuple[int, list[float]]:
@@ -192,16 +179,9 @@ def run(ctx: StageContext) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
 
     start, losses = 0, []
-    ckpt = latest_checkpoint(ctx.work, fp)
-    if ckpt is not None and ctx.options.get("resume"):
-        ckpt, saved = read_latest_checkpoint(ctx.work, fp, _read_checkpoint, say)
-        if ckpt is not None:
-            start, losses = _load_checkpoint(saved, model, optimizer, scheduler)
-            say(f"  resumed from {ckpt.name} (step {start} of {cfg.steps})")
-        else:
-            say("  no readable checkpoint left: starting over")
-    elif ckpt is not None:
-        say(f"  note: checkpoint {ckpt} exists; pass --resume to continue from it (starting over)")
+    saved = resume_checkpoint(ctx.work, fp, ctx.options.get("resume"), ADAPTER_WEIGHTS, cfg.steps, say)
+    if saved is not None:
+        start, losses = _load_checkpoint(saved, model, optimizer, scheduler)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     say(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
         f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} at lr {lr:g} on {accelerator.device}"
