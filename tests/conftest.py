@@ -122,3 +122,29 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
     return write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
+
+
+def run_before_heal(tiny_run: dict, out: Path) -> Path:
+    """A copy of the tiny run's folder at ``out`` without the heal stage and the stages after it."""
+    import shutil
+
+    shutil.copytree(tiny_run["out"], out, ignore=shutil.ignore_patterns("heal", "bundle", "evaluate", ".*"))
+    return out
+
+
+def interrupt_heal_at_first_checkpoint(recipe, out: Path, monkeypatch) -> None:
+    """Run the heal stage in ``out`` until it has written its first checkpoint, then stop it as Ctrl-C would."""
+    from edgepeft.heal import distill
+    from edgepeft.pipeline.runner import run_stages
+    from edgepeft.stages.registry import STAGES
+
+    real_save = distill.Distiller.save
+
+    def save_then_die(self, work, step, fp):
+        real_save(self, work, step, fp)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(distill.Distiller, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(STAGES, recipe, out, first="heal", last="heal", echo=lambda s: None)

@@ -18,7 +18,7 @@ from edgepeft.latency import check as latency_check
 from edgepeft.pipeline import recipe as recipe_mod
 from edgepeft.quality.gate import EvaluateConfig
 from edgepeft.quality.scores import Budgets, passed, verdict
-from tests.conftest import write_recipe
+from tests.conftest import interrupt_heal_at_first_checkpoint, run_before_heal, write_recipe
 
 
 def cli(*args):
@@ -345,22 +345,12 @@ def test_disk_full_or_read_only_is_one_line(tiny_run, tmp_path, monkeypatch, cap
 
 
 def test_a_corrupt_checkpoint_is_set_aside_and_does_not_block_resuming(tiny_run, tmp_path, monkeypatch, capsys):
-    from edgepeft.heal import distill
     from edgepeft.pipeline.runner import run_stages
     from edgepeft.stages.registry import STAGES
 
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run["out"], out, ignore=shutil.ignore_patterns("heal", "bundle", "evaluate", ".*"))
+    out = run_before_heal(tiny_run, tmp_path / "run")
     recipe = recipe_mod.load(tiny_run["recipe"])
-    real_save = distill.Distiller.save
-
-    def save_then_die(self, work, step, fp):
-        real_save(self, work, step, fp)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(distill.Distiller, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_stages(STAGES, recipe, out, first="heal", last="heal", echo=lambda s: None)
-    monkeypatch.setattr(distill.Distiller, "save", real_save)
+    interrupt_heal_at_first_checkpoint(recipe, out, monkeypatch)
     ckpt = out / ".heal.work" / "step-000002"
     (ckpt / "optim.pt").write_bytes(b"not a checkpoint")
     rec = run_stages(STAGES, recipe, out, first="heal", last="heal", options={"resume": True},

@@ -20,6 +20,7 @@ from edgepeft.pipeline import recipe as recipe_mod
 from edgepeft.pipeline.runner import run_stages
 from edgepeft.pipeline.target import Kernels
 from edgepeft.stages.registry import STAGES
+from tests.conftest import interrupt_heal_at_first_checkpoint, run_before_heal
 
 
 def _config(run_out):
@@ -197,29 +198,14 @@ def test_heal_stage_brings_the_graph_closer_to_the_trained_model(tiny_run):
 
 
 def test_heal_resumes_exactly(tmp_path, tiny_run, monkeypatch):
-    from edgepeft.heal import distill
-
-    def fresh(parent):
-        out = tmp_path / parent / "run"
-        shutil.copytree(tiny_run["out"], out, ignore=shutil.ignore_patterns("heal", "bundle", "evaluate", ".*"))
-        return out
-
     recipe = recipe_mod.load(tiny_run["recipe"])
     kw = {"first": "heal", "last": "heal", "echo": lambda s: None}
-    straight = fresh("a")
+    straight = run_before_heal(tiny_run, tmp_path / "a" / "run")
     run_stages(STAGES, recipe, straight, **kw)
 
-    interrupted = fresh("b")
-    real_save = distill.Distiller.save
-
-    def save_then_die(self, work, step, fp):
-        real_save(self, work, step, fp)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(distill.Distiller, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_stages(STAGES, recipe, interrupted, **kw)
+    interrupted = run_before_heal(tiny_run, tmp_path / "b" / "run")
+    interrupt_heal_at_first_checkpoint(recipe, interrupted, monkeypatch)
     assert not (interrupted / "heal").exists() and (interrupted / ".heal.work" / "step-000002").is_dir()
-    monkeypatch.setattr(distill.Distiller, "save", real_save)
     rec = run_stages(STAGES, recipe, interrupted, options={"resume": True}, **kw)["heal"]["figures"]
     assert rec["resumed_from_step"] == 2
     a = json.loads((straight / "heal" / "losses.json").read_text())
@@ -231,8 +217,7 @@ def test_heal_resumes_exactly(tmp_path, tiny_run, monkeypatch):
 
 
 def test_heal_steps_zero_passes_the_graph_through(tmp_path, tiny_run):
-    out = tmp_path / "c" / "run"
-    shutil.copytree(tiny_run["out"], out, ignore=shutil.ignore_patterns("heal", "bundle", "evaluate", ".*"))
+    out = run_before_heal(tiny_run, tmp_path / "c" / "run")
     text = tiny_run["recipe"].read_text().replace("[heal]\nsteps = 4", "[heal]\nsteps = 0")
     path = tmp_path / "c" / "tiny.toml"
     path.write_text(text)
