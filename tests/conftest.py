@@ -42,15 +42,21 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
     return out
 
 
+ADAPTERS = {"lora": 'method = "lora"\nr = 8\nalpha = 16',
+            "ia3": 'method = "ia3"',  # with its defaults (k, v, down), as a user gets it by changing only `method`
+            "adapter": 'method = "adapter"\nbottleneck = 32\nplacement = ["attn", "mlp"]',
+            "adapter-parallel-gated": 'method = "adapter"\nbottleneck = 32\nmode = "parallel"\ngated = true'}
+
+
 def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "",
                  tail: str = "", target: str | None = None, budgets: str = "") -> Path:
-    """A fast recipe for the tiny model; ``extra`` goes into [train], ``budgets`` into [evaluate] (default: the
-    random-init model's own figures pass), ``tail`` after every table."""
+    """A fast recipe for the tiny model; ``method`` is a key of ``ADAPTERS``, ``extra`` goes into [train],
+    ``budgets`` into [evaluate] (default: the random-init model's own figures pass), ``tail`` after every
+    table."""
     budgets = budgets or ("max_perplexity_increase = 1.0\nmax_kl = 1.0\nmin_next_token_agreement = 0.0\n"
                           "max_accuracy_drop = 1.0")
-    # IA3 with its defaults (k, v, down), as a user gets it by changing only `method`
     head = f'target = "{target}"' if target else ""
-    adapter = 'method = "ia3"' if method == "ia3" else 'method = "lora"\nr = 8\nalpha = 16'
+    adapter = ADAPTERS[method]
     lr = "" if method == "ia3" else "lr = 0.02"
     path.write_text(f"""
 name = "tiny"

@@ -16,7 +16,9 @@ back, so the graph then holds scales every kernel reads alike.
 
 The rest of the network (attention with rotary positions, SiLU MLP, residuals) is transformers' own Llama
 implementation, built from the merged model's config: the graph's ``GroupQueryAttention`` and
-``SkipSimplifiedLayerNormalization`` compute the same functions.
+``SkipSimplifiedLayerNormalization`` compute the same functions. Bottleneck adapters the merge left in the
+graph (``edgepeft.onnx.adapters``) are ``edgepeft.adapters.bottleneck``'s modules on the same hooks, their
+MatMuls quantized like the others and their scales fitted with them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from edgepeft.onnx.quant import Quantized
 
 ACTIVATION_SCHEMES = ("blockwise", "rowwise")
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(qkv_proj|o_proj|gate_proj|up_proj|down_proj)/MatMul_Q\d+$")
+_ADAPTER_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)_adapter/(down|up|gate)/MatMul_Q\d+$")
 
 
 def fake_int8(x: torch.Tensor, scheme: str | None, block: int) -> torch.Tensor:
@@ -153,8 +156,12 @@ class Mirror:
     """The PyTorch mirror of a quantized graph, and the way back: ``write_back`` puts the fitted scales and
     norm weights into the graph's initializers."""
 
-    def __init__(self, graph: GraphWeights, config, activations: str | None, bf16_scales: bool = False):
+    def __init__(self, graph: GraphWeights, config, activations: str | None, bf16_scales: bool = False,
+                 unmerged: dict | None = None):
         from transformers import AutoModelForCausalLM
+
+        from edgepeft import adapters
+        from edgepeft.onnx.adapters import gate_bias_name
 
         if not config.tie_word_embeddings:
             raise ValueError("healing needs the token table tied to the head (as the graph's "
@@ -162,12 +169,15 @@ class Mirror:
         self.graph = graph
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         layers = config.num_hidden_layers
+        if unmerged is not None:  # the graph's up-projections carry the adapters' scale
+            adapters.attach_spec(model, {**unmerged, "scale": 1.0})
         q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         self.linears: dict[str, list[tuple[QuantLinear, int, int]]] = {}  # node -> (module, first row, rows)
         for name, (_node, weight) in graph.matmuls.items():
             centered = torch.from_numpy(weight.centered())
             sc = torch.from_numpy(weight.scales.astype(np.float32))
             m = _NODE.match(name)
+            a = _ADAPTER_NODE.match(name)
             if name.startswith("/lm_head/"):
                 parts = [("lm_head", 0, sc.shape[0])]
             elif m and m.group(3) == "qkv_proj":
@@ -176,6 +186,8 @@ class Mirror:
             elif m:
                 sub = "self_attn" if m.group(2) == "attn" else "mlp"
                 parts = [(f"model.layers.{m.group(1)}.{sub}.{m.group(3)}", 0, sc.shape[0])]
+            elif a and unmerged is not None:
+                parts = [(f"{adapters.ATTR}.layers.{a.group(1)}.{a.group(2)}.{a.group(3)}", 0, sc.shape[0])]
             else:
                 raise ValueError(f"MatMulNBits node {name!r} is not one the mirror knows (Llama-family layout)")
             self.linears[name] = []
@@ -192,6 +204,12 @@ class Mirror:
         if missing:
             raise ValueError(f"the graph has no quantized weight for {missing[:3]}")
         model.model.embed_tokens = QuantEmbedding(model.lm_head)
+        aset = getattr(model, adapters.ATTR, None)
+        for i, block in enumerate(aset.layers if aset is not None else ()):
+            for place, adapter in block.items():
+                if adapter.gate is not None:
+                    with torch.no_grad():
+                        adapter.gate_bias.copy_(torch.from_numpy(graph.array(gate_bias_name(i, place)).copy()))
         self.norms = {}
         for module_name, init_name in _norm_names(layers).items():
             mod = model.get_submodule(module_name)

@@ -8,7 +8,7 @@ them and are listed here with the others.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from edgepeft.latency.profile import ProfileConfig
@@ -34,7 +34,9 @@ class QuantizeConfig:
 
 @dataclass
 class AdapterConfig:
-    method: Literal["lora", "ia3"] = "lora"
+    # lora, ia3 (HF peft; merged into the weights) or adapter (bottleneck adapters, edgepeft.adapters.bottleneck:
+    # extra MatMuls in the exported graph)
+    method: Literal["lora", "ia3", "adapter"] = "lora"
     # LoRA
     r: int = 16
     alpha: int = 32
@@ -44,6 +46,15 @@ class AdapterConfig:
     target_modules: list[str] | str | None = None
     # IA3 only: which targeted modules are feed-forward (their input, not output, is scaled).
     feedforward_modules: list[str] | None = None
+    # Bottleneck adapters: width of the bottleneck (the reduction factor is hidden / bottleneck: 576 / 64 = 9 on
+    # SmolLM2; a multiple of the target's block_size, since its up-projection is quantized block-wise), after
+    # which sublayers, serial (on the sublayer's output) or parallel (on its input), each behind a per-token
+    # sigmoid gate or not, and a fixed scale on its output.
+    bottleneck: int = 64
+    placement: list[Literal["attn", "mlp"]] = field(default_factory=lambda: ["mlp"])
+    mode: Literal["serial", "parallel"] = "serial"
+    gated: bool = False
+    scale: float = 1.0
 
     def check(self) -> str | None:
         if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
@@ -54,6 +65,15 @@ class AdapterConfig:
             return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
         if self.feedforward_modules and self.method != "ia3":
             return "feedforward_modules applies to IA3 only"
+        if self.method == "adapter":
+            if self.target_modules is not None:
+                return "target_modules applies to LoRA and IA3; bottleneck adapters take placement"
+            if self.bottleneck <= 0:
+                return f"bottleneck must be positive (got {self.bottleneck})"
+            if not self.placement or len(set(self.placement)) != len(self.placement):
+                return "placement must name \"attn\" and/or \"mlp\", each once"
+            if not (self.scale > 0 and self.scale < float("inf")):
+                return f"scale must be positive and finite (got {self.scale})"
         return None
 
 

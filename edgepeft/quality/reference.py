@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft.adapters import is_adapter_dir
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.pipeline.layout import RunDir
 from edgepeft.quality.scores import compare
@@ -24,18 +25,18 @@ class Reference:
     def of_run(cls, run_dir: Path) -> Reference:
         run = RunDir(run_dir)
         base, adapter = run.quantized_base, run.adapter
-        if not (base / "config.json").is_file() or not (adapter / "adapter_config.json").is_file():
+        if not (base / "config.json").is_file() or not is_adapter_dir(adapter):
             raise EdgepeftError(f"{run_dir}: no trained reference there (needs quantize/model and train/adapter; "
                                 "pass the run folder the bundle was made in with --run)")
         return cls(base, adapter)
 
     def load(self):
         import torch
-        from peft import PeftModel
 
+        from edgepeft.adapters import load
         from edgepeft.models.pytorch import load_4bit  # imports PyTorch: only when the model is needed
 
-        return PeftModel.from_pretrained(load_4bit(self.base, torch.device("cpu")), self.adapter).eval()
+        return load(load_4bit(self.base, torch.device("cpu")), self.adapter).eval()
 
 
 def logits(model, windows: list[list[int]], progress=None) -> list[np.ndarray]:

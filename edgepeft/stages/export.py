@@ -2,9 +2,11 @@
 builder, ``edgepeft.onnx.builder``), checked against PyTorch.
 
 This stage exports fp32 only; ``requantize`` turns the weights into int4/int8 for the target, so the fp32
-graph is the reference the quantized one is measured against. The stage checks its output: prefill logits
-on held-out prose and logits of token-by-token decoding through the KV cache must both match the merged
-PyTorch model within ``max_logit_diff``, and the graph's opset must not exceed the target's.
+graph is the reference the quantized one is measured against. What the merge could not fold into the weights
+(bottleneck adapters) is added to the graph as the PyTorch model computes it (``edgepeft.onnx.adapters``).
+The stage checks its output: prefill logits on held-out prose and logits of token-by-token decoding through
+the KV cache must both match the merged PyTorch model (with its unmerged adapters) within ``max_logit_diff``,
+and the graph's opset must not exceed the target's.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import shutil
 
 import numpy as np
 
+from edgepeft import adapters
 from edgepeft.calib.sets import check_windows
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.onnx.builder import EXPORTER, build_onnx, opset_of
+from edgepeft.onnx.adapters import insert_bottlenecks
+from edgepeft.onnx.builder import EXPORTER, MODEL, build_onnx, opset_of, save_graph
 from edgepeft.onnx.decoder import Decoder, decode_logits
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
 from edgepeft.pipeline.tables import ExportConfig
@@ -24,8 +28,7 @@ from edgepeft.quality.scores import compare
 
 
 def run(ctx: StageContext) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg: ExportConfig = ctx.config
     target = ctx.recipe.target
@@ -33,7 +36,8 @@ def run(ctx: StageContext) -> None:
     out = ctx.output
     seconds = build_onnx(merged_dir, out, "fp32", cache_dir=ctx.out / ".cache")
     shutil.rmtree(ctx.out / ".cache", ignore_errors=True)
-    model_file = out / "model.onnx"
+    model_file = out / MODEL
+    added = _add_unmerged(merged_dir, out)
     opset = opset_of(model_file)
     if opset > target.opset:
         raise EdgepeftError(f"[export] the graph needs ai.onnx opset {opset}, target {target.name} supports up to "
@@ -41,11 +45,11 @@ def run(ctx: StageContext) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     windows = check_windows(ctx.recipe, tokenizer, cfg.eval_windows, cfg.eval_window_tokens, "export")
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    model = adapters.load_merged(merged_dir)
     reference = torch_reference.logits(model, windows)
     decoder = Decoder(model_file)
     prefill = compare(reference, [decoder.prefill(w)[0] for w in windows])
-    figures = {"exporter": EXPORTER, "export_seconds": round(seconds, 2), "opset": opset,
+    figures = {"exporter": EXPORTER, "export_seconds": round(seconds, 2), "opset": opset, "adapter_nodes": added,
                "onnx_bytes": sum(p.stat().st_size for p in out.glob("model.onnx*")), "prefill": prefill}
     worst = prefill["max_logit_diff"]
     if cfg.decode_check_tokens:
@@ -63,6 +67,22 @@ def run(ctx: StageContext) -> None:
     if not np.isfinite(worst) or worst > cfg.max_logit_diff:
         raise EdgepeftError(f"[export] the ONNX graph differs from the merged PyTorch model by {worst:.3g} in logits, "
                             f"more than max_logit_diff = {cfg.max_logit_diff:g}")
+
+
+def _add_unmerged(merged_dir, out) -> int:
+    """Put the merge folder's unmerged adapters into the graph; the number of nodes added (0: none)."""
+    spec = adapters.unmerged_spec(merged_dir)
+    if spec is None:
+        return 0
+    import onnx
+    from safetensors.numpy import load_file
+
+    graph = onnx.load(str(out / MODEL))
+    added = insert_bottlenecks(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)))
+    for f in out.glob(f"{MODEL}*"):
+        f.unlink()
+    save_graph(graph, out)
+    return added
 
 
 # The ai.onnx opset onnxruntime-genai 0.15's model builder writes: a target below it is refused before the

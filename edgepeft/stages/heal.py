@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from edgepeft import adapters
 from edgepeft.calib.sets import calibration_windows
 from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError
@@ -79,7 +80,7 @@ def _rounded(figures: dict) -> dict:
 def run(ctx: StageContext) -> None:
     import onnx
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from edgepeft.heal.distill import WEIGHTS, Distiller, teacher_log_probs, window_of
     from edgepeft.heal.mirror import GraphWeights, Mirror
@@ -106,7 +107,7 @@ def run(ctx: StageContext) -> None:
     # The trained model, (4-bit base + adapter), as the merge stage wrote it: the adapter merged onto the exactly
     # dequantized base, checked there to agree within [merge] max_logit_diff; plain fp32, faster on a CPU
     # than bitsandbytes' 4-bit layers with the adapter beside them.
-    teacher_model = AutoModelForCausalLM.from_pretrained(ctx.artifact("merge"), dtype=torch.float32).eval()
+    teacher_model = adapters.load_merged(ctx.artifact("merge"))
     with progress(len(windows), "trained model's log-probabilities", "window") as bar:
         teacher = teacher_log_probs(teacher_model, windows, bar.update)
     del teacher_model
@@ -119,7 +120,7 @@ def run(ctx: StageContext) -> None:
 
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
     scheme = kernels.activation_rounding
-    mirror = Mirror(graph, config, scheme, kernels.bf16_scales)
+    mirror = Mirror(graph, config, scheme, kernels.bf16_scales, adapters.unmerged_spec(ctx.artifact("merge")))
     fit = Distiller(mirror, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.norms)
     saved = resume_checkpoint(ctx.work, ctx.fingerprint, ctx.options.get("resume"), WEIGHTS, cfg.steps)
     start = fit.load(saved) if saved is not None else 0

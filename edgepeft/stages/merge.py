@@ -4,7 +4,9 @@ The adapter was trained against the NF4 weights, so it is merged into exactly th
 (merging into the original fp32 weights instead loses much of the fine-tune: the adapter learned to
 correct the 4-bit rounding). The dequantized weights are loaded into a fresh, ordinary model built from
 the same config: it is not flagged 4-bit, so peft merges LoRA and IA3 alike (peft refuses to merge IA3
-into a model flagged ``is_loaded_in_4bit``, even after ``dequantize()``).
+into a model flagged ``is_loaded_in_4bit``, even after ``dequantize()``). Bottleneck adapters cannot be
+merged: the folder then holds the dequantized base and, in ``unmerged/``, the adapters the export stage
+puts into the graph (``edgepeft.adapters.merge_into``).
 
 The stage then checks its own work: on held-out prose (and the task's validation prompts) it compares the
 merged model with the reference the user trained, (4-bit base + adapter), and fails if the largest logit
@@ -13,6 +15,7 @@ difference is above ``max_logit_diff``.
 
 from __future__ import annotations
 
+from edgepeft import adapters
 from edgepeft.calib.data import prompt_ids, recipe_splits
 from edgepeft.calib.sets import check_windows
 from edgepeft.core.errors import EdgepeftError
@@ -23,7 +26,6 @@ from edgepeft.quality.reference import compare_logits
 
 def run(ctx: StageContext) -> None:
     import torch
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from edgepeft.models.pytorch import dequantized_model, load_4bit
@@ -33,18 +35,18 @@ def run(ctx: StageContext) -> None:
     adir = ctx.artifact("train")
     tokenizer = AutoTokenizer.from_pretrained(adir)
     with torch.no_grad():
-        merged = PeftModel.from_pretrained(dequantized_model(qdir), adir).merge_and_unload()
-    merged.save_pretrained(ctx.output, safe_serialization=True)
+        merged = adapters.merge_into(dequantized_model(qdir), adir, ctx.output)
     tokenizer.save_pretrained(ctx.output)
 
-    reference = PeftModel.from_pretrained(load_4bit(qdir, torch.device("cpu")), adir)
+    reference = adapters.load(load_4bit(qdir, torch.device("cpu")), adir)
     windows = check_windows(ctx.recipe, tokenizer, cfg.eval_windows, cfg.eval_window_tokens, "merge")
     prose = compare_logits(reference, merged, windows)
     val = recipe_splits(ctx.recipe)["validation"]
     prompts = [p for p in (prompt_ids(tokenizer, s) for s in val[:8]) if p]
     task = compare_logits(reference, merged, prompts) if prompts else None
     worst = max(prose["max_logit_diff"], task["max_logit_diff"] if task else 0.0)
-    ctx.figures.update(reference="4-bit base + adapter", held_out_text=cfg.eval_text, prose=prose, task_prompts=task,
+    ctx.figures.update(reference="4-bit base + adapter", unmerged=adapters.unmerged_spec(ctx.output),
+                       held_out_text=cfg.eval_text, prose=prose, task_prompts=task,
                        max_logit_diff=worst, max_logit_diff_allowed=cfg.max_logit_diff)
     print(f"  merged vs (4-bit base + adapter): max |logit diff| {worst:.2e} (allowed {cfg.max_logit_diff:g}); "
           f"next-token agreement {100 * prose['next_token_agreement']:.2f}% on {prose['tokens']} held-out tokens")

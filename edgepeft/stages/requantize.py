@@ -105,7 +105,15 @@ def run(ctx: StageContext) -> None:
           f"KL {final['kl']:.3f}, agreement {100 * final['next_token_agreement']:.1f}%")
 
 
+def preflight(recipe) -> None:
+    adapter, block = recipe.adapter, recipe.target.block_size
+    if adapter.method == "adapter" and adapter.bottleneck % block:
+        raise EdgepeftError(f"[adapter] bottleneck {adapter.bottleneck} must be a multiple of target "
+                            f"{recipe.target.name}'s block_size {block} (its up-projection is quantized block-wise)")
+
+
 STAGE = Stage("requantize", run, sections=("requantize", "precision", "evaluate"), reads=("export", "train"),
+              preflight=preflight,
               files=lambda recipe: {**user_files(recipe, "requantize", "calib_text"),
                                     **user_files(recipe, "train", "data", "validation_data")},
               shared=True, description="quantize the ONNX weights for the target on calibration data (GPTQ; "

@@ -1,4 +1,5 @@
-"""Stage ``train``: a LoRA or IA3 adapter (peft) on the frozen 4-bit base.
+"""Stage ``train``: an adapter on the frozen 4-bit base: LoRA or IA3 (peft) or bottleneck adapters (edgepeft's
+own, ``edgepeft.adapters``).
 
 The loop is plain and visible (no hidden trainer): it runs under ``accelerate``, so the same code runs on
 one CPU, one GPU, or several under ``accelerate launch`` / ``torchrun`` (DDP). Each process loads the
@@ -21,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+from edgepeft import adapters
 from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
@@ -37,17 +39,7 @@ def preflight(recipe) -> None:
                             f"batch_size {cfg.batch_size}")
 
 
-DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2}
-
-
-def peft_config(adapter: AdapterConfig):
-    from peft import IA3Config, LoraConfig
-
-    if adapter.method == "lora":
-        return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                          target_modules=adapter.target_modules or "all-linear", task_type="CAUSAL_LM")
-    return IA3Config(target_modules=adapter.target_modules, feedforward_modules=adapter.feedforward_modules,
-                     task_type="CAUSAL_LM")
+DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "adapter": 1e-3}
 
 
 def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
@@ -67,22 +59,17 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-ADAPTER_WEIGHTS = "adapter.safetensors"  # a checkpoint's adapter weights (peft's state dict)
+ADAPTER_WEIGHTS = "adapter.safetensors"  # a checkpoint's adapter tensors (edgepeft.adapters.state)
 
 
 def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler, losses: list[float]) -> Path:
-    from peft import get_peft_model_state_dict
-
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses}, state, ADAPTER_WEIGHTS, optimizer,
-                            scheduler)
+    return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses}, adapters.state(model), ADAPTER_WEIGHTS,
+                            optimizer, scheduler)
 
 
 def _load_checkpoint(saved: tuple[dict, dict, dict], model, optimizer, scheduler) -> tuple[int, list[float]]:
-    from peft import set_peft_model_state_dict
-
     adapter, state, meta = saved
-    set_peft_model_state_dict(model, adapter)
+    adapters.set_state(model, adapter)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return meta["step"], meta["losses"]
@@ -135,7 +122,7 @@ def _validation(model, tokenizer, samples, cfg: TrainConfig, method: str) -> dic
         return {}
     bar = progress(2 * len(val), "exact match (base, then adapter)", "example")
     kw = {"match": matcher(cfg.data), "max_new_tokens": cfg.eval_max_new_tokens, "progress": bar.update}
-    with model.disable_adapter():
+    with adapters.disabled(model):
         base_acc, _ = exact_match(model, tokenizer, val, **kw)
     tuned_acc, answers = exact_match(model, tokenizer, val, **kw)
     bar.close()
@@ -150,7 +137,7 @@ def _validation(model, tokenizer, samples, cfg: TrainConfig, method: str) -> dic
 def run(ctx: StageContext) -> None:
     import torch
     from accelerate import Accelerator
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
     from edgepeft.models.pytorch import load_4bit, peak_memory_bytes
@@ -170,7 +157,7 @@ def run(ctx: StageContext) -> None:
 
     model = load_4bit(qdir, accelerator.device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model = get_peft_model(model, peft_config(adapter))
+    model = adapters.wrap(model, adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = ctx.record_of("load")["figures"]["parameters"]  # 4-bit packing hides the true count in the model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,7 +202,7 @@ def run(ctx: StageContext) -> None:
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if main:
-        model.save_pretrained(ctx.output, safe_serialization=True)
+        adapters.save(model, ctx.output)
         tokenizer.save_pretrained(ctx.output)
 
     figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,

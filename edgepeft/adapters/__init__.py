@@ -1,0 +1,171 @@
+"""Adapters: one interface over the methods the train stage can fit on the frozen 4-bit base.
+
+``lora`` and ``ia3`` are HF peft's (saved as peft saves them: ``adapter_config.json``); ``adapter``
+(bottleneck adapters, ``edgepeft.adapters.bottleneck``) is edgepeft's own (saved as ``edgepeft_adapter.json``
++ ``edgepeft_adapter.safetensors``). The stages call only the functions here, so the training loop, the
+reference (4-bit base + adapter), the merge check, export and the quality gate work alike for every method.
+
+What can be merged is merged (LoRA, IA3: into the dequantized base's weights); what cannot is kept beside the
+merged model, in the merge folder's ``unmerged/``, and becomes part of the exported graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+PEFT_METHODS = ("lora", "ia3")
+OWN_METHODS = ("adapter",)
+METHODS = PEFT_METHODS + OWN_METHODS
+CONFIG = "edgepeft_adapter.json"
+WEIGHTS = "edgepeft_adapter.safetensors"
+UNMERGED = "unmerged"  # the merge folder's subfolder holding what the merge could not fold into the weights
+ATTR = "edgepeft_adapters"  # where an own adapter set hangs on the model
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() or (path / CONFIG).is_file()
+
+
+def _own(model):
+    return getattr(model, ATTR, None)
+
+
+def peft_config(adapter):
+    from peft import IA3Config, LoraConfig
+
+    if adapter.method == "lora":
+        return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                          target_modules=adapter.target_modules or "all-linear", task_type="CAUSAL_LM")
+    return IA3Config(target_modules=adapter.target_modules, feedforward_modules=adapter.feedforward_modules,
+                     task_type="CAUSAL_LM")
+
+
+def wrap(model, adapter):
+    """``model`` with a new, trainable adapter of the recipe's ``[adapter]`` table; the base stays frozen."""
+    if adapter.method in PEFT_METHODS:
+        from peft import get_peft_model
+
+        return get_peft_model(model, peft_config(adapter))
+    from edgepeft.adapters.bottleneck import spec_for
+
+    return attach_spec(model, spec_for(model, adapter))
+
+
+def attach_spec(model, spec: dict):
+    """``model`` (frozen) with a new adapter set of definition ``spec`` hung on it and hooked in."""
+    from edgepeft.adapters.bottleneck import AdapterSet
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dev = next(model.parameters()).device
+    aset = AdapterSet(spec).to(dev)
+    aset.attach(model)
+    setattr(model, ATTR, aset)  # a submodule: DDP and the optimizer see its parameters
+    return model
+
+
+def state(model) -> dict:
+    """The adapter's own tensors (what a checkpoint or the saved adapter holds), on the CPU."""
+    own = _own(model)
+    if own is None:
+        from peft import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(model)
+    else:
+        sd = own.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def set_state(model, tensors: dict) -> None:
+    own = _own(model)
+    if own is None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, tensors)
+    else:
+        own.load_state_dict(tensors, strict=True)
+
+
+def save(model, out: Path) -> None:
+    """The trained adapter as a folder (peft's format for peft methods)."""
+    own = _own(model)
+    if own is None:
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state(model), str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps(own.spec, indent=1) + "\n")
+
+
+def spec_of(adir: Path) -> dict | None:
+    """An own adapter folder's definition, or None for a peft folder."""
+    f = adir / CONFIG
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load(model, adir: Path):
+    """``model`` with the saved adapter in ``adir`` on top (the reference: 4-bit base + adapter), for inference."""
+    spec = spec_of(adir)
+    if spec is None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adir).eval()
+    from safetensors.torch import load_file
+
+    attach_spec(model, spec)
+    set_state(model, load_file(str(adir / WEIGHTS)))
+    return model.eval()
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """The base model alone for the duration (the adapter is kept)."""
+    own = _own(model)
+    if own is None:
+        with model.disable_adapter():
+            yield
+        return
+    own.enabled = False
+    try:
+        yield
+    finally:
+        own.enabled = True
+
+
+def merge_into(base, adir: Path, out: Path):
+    """Merge the adapter in ``adir`` into ``base`` (the exactly dequantized 4-bit base) and save the result to
+    ``out`` as a Hugging Face folder, with what cannot be merged in ``out/unmerged/``. Returns the merged model
+    as it computes (with the unmerged parts attached), for the merge check."""
+    spec = spec_of(adir)
+    if spec is None:
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(base, adir).merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+        return merged
+    base.save_pretrained(out, safe_serialization=True)
+    (out / UNMERGED).mkdir()
+    for name in (CONFIG, WEIGHTS):
+        shutil.copy2(adir / name, out / UNMERGED / name)
+    return load(base, adir)
+
+
+def unmerged_spec(merged_dir: Path) -> dict | None:
+    """The definition of the merge folder's unmerged parts, or None when everything was merged."""
+    return spec_of(merged_dir / UNMERGED)
+
+
+def load_merged(merged_dir: Path):
+    """The merge stage's model as it computes, in fp32: the merged weights with the unmerged parts attached."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    if unmerged_spec(merged_dir) is not None:
+        model = load(model, merged_dir / UNMERGED)
+    return model.eval()

@@ -1,0 +1,190 @@
+"""Bottleneck adapters (``method = "adapter"``): causal gates, the graph computing what PyTorch computes, and the
+whole pipeline on the tiny model, serial and parallel-gated."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgepeft import adapters
+from edgepeft.pipeline import recipe as recipe_mod
+from edgepeft.pipeline.runner import run_stages
+from edgepeft.stages.registry import STAGES
+from tests.conftest import write_recipe
+
+SPECS = {
+    "serial-attn-mlp": {"mode": "serial", "placement": ["attn", "mlp"], "gated": False, "scale": 1.0},
+    "parallel-gated-scaled": {"mode": "parallel", "placement": ["mlp"], "gated": True, "scale": 2.0},
+}
+
+
+def _plain(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _with_random_adapters(model, spec: dict):
+    """``model`` with an adapter set of ``spec`` whose weights (the zero-initialized up-projection and the gate
+    included) are random and large enough to change the output."""
+    c = model.config
+    full = {"method": "adapter", "bottleneck": 32, "hidden_size": c.hidden_size, "layers": c.num_hidden_layers,
+            **spec}
+    adapters.attach_spec(model, full)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in getattr(model, adapters.ATTR).parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_adapter_outputs_are_causal(tiny_model_dir, name):
+    """Changing a later token changes nothing before it: the gates (and the adapters) are per token."""
+    model = _with_random_adapters(_plain(tiny_model_dir), SPECS[name])
+    ids = list(range(200, 232))
+    other = ids[:20] + [ids[20] + 1000] + ids[21:]
+    a, b = _logits(model, ids), _logits(model, other)
+    torch.testing.assert_close(a[:20], b[:20], rtol=0, atol=1e-5)
+    assert (a[20:] - b[20:]).abs().max() > 1e-3
+    with adapters.disabled(model):
+        base = _logits(model, ids)
+    assert (a - base).abs().max() > 0.05  # the adapters really act
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path, name):
+    """The fp32 graph with the adapters inserted equals PyTorch (merged base + adapters, prefill and KV-cache
+    decode); the graph without them does not, so the check can fail."""
+    from transformers import AutoTokenizer
+
+    from edgepeft.onnx.builder import build_onnx
+    from edgepeft.onnx.decoder import Decoder, decode_logits
+    from edgepeft.stages.export import _add_unmerged
+
+    trained = _with_random_adapters(_plain(tiny_model_dir), SPECS[name])
+    adapters.save(trained, tmp_path / "adapter")
+    merged_dir = tmp_path / "merged"
+    adapters.merge_into(_plain(tiny_model_dir), tmp_path / "adapter", merged_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(merged_dir)  # as the merge stage does
+    assert adapters.unmerged_spec(merged_dir)["mode"] == SPECS[name]["mode"]
+    model = adapters.load_merged(merged_dir)
+    ids = list(range(300, 340))
+    reference = _logits(model, ids).numpy()
+    torch.testing.assert_close(torch.from_numpy(reference), _logits(trained, ids), rtol=0, atol=1e-5)
+
+    out = tmp_path / "onnx"
+    build_onnx(merged_dir, out, "fp32", cache_dir=tmp_path / "cache")
+    without = Decoder(out / "model.onnx").prefill(ids)[0]
+    added = _add_unmerged(merged_dir, out)
+    places = len(SPECS[name]["placement"])
+    assert added == 2 * places * (8 if SPECS[name]["gated"] else 4)
+    decoder = Decoder(out / "model.onnx")
+    assert np.abs(decoder.prefill(ids)[0] - reference).max() < 1e-4
+    assert np.abs(decode_logits(decoder, ids, 30) - reference[30:]).max() < 1e-4
+    assert np.abs(without - reference).max() > 0.05
+
+
+@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated"])
+def adapter_run(request, tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp(request.param)
+    recipe = write_recipe(root / "tiny.toml", tiny_model_dir, method=request.param)
+    out = root / "run"
+    records = run_stages(STAGES, recipe_mod.load(recipe), out, echo=lambda s: None)
+    return {"method": request.param, "out": out, "records": records, "bundle": out / "bundle" / "android-arm64"}
+
+
+def test_adapter_pipeline_builds_a_verified_bundle(adapter_run):
+    from edgepeft.bundle.runner import verify
+    from edgepeft.quality.reference import Reference
+
+    recs, out = adapter_run["records"], adapter_run["out"]
+    spec = json.loads((out / "train" / "adapter" / adapters.CONFIG).read_text())
+    places = len(spec["placement"])
+    per = 2 * 64 * 32 + (64 + 1 if spec["gated"] else 0)  # down + up (+ gate and its bias) per place, width 64
+    assert recs["train"]["figures"]["trainable_parameters"] == 2 * places * per
+    assert recs["merge"]["figures"]["unmerged"] == spec
+    assert recs["merge"]["figures"]["max_logit_diff"] < 1e-3
+    assert recs["export"]["figures"]["adapter_nodes"] == 2 * places * (8 if spec["gated"] else 4)
+    assert recs["export"]["figures"]["max_logit_diff"] < 1e-3
+    # every adapter MatMul is int4 in the shipped graph: 2 layers x 5 projections, the head, the adapters
+    parts = 3 if spec["gated"] else 2
+    assert recs["requantize"]["figures"]["matmulnbits"] == 2 * 5 + 1 + 2 * places * parts
+    assert recs["heal"]["figures"]["mirror_vs_ort_max_logit_diff"] < 1e-3
+    assert recs["evaluate"]["figures"]["passed"]
+    problems, sample = verify(adapter_run["bundle"])
+    assert problems == [] and sample
+    # the reference (4-bit base + adapter) is the trained one: the adapters changed the model
+    model = Reference.of_run(out).load()
+    ids = list(range(100, 140))
+    with_adapter = _logits(model, ids)
+    with adapters.disabled(model):
+        assert (with_adapter - _logits(model, ids)).abs().max() > 1e-4
+
+
+def test_adapter_training_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from edgepeft.stages import train
+
+    r = write_recipe(tmp_path / "r.toml", tiny_model_dir, method="adapter-parallel-gated", steps=6)
+    straight, interrupted = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    run_stages(STAGES, recipe_mod.load(r), straight, last="train", echo=lambda s: None)
+    real_save = train._save_checkpoint
+
+    def save_then_die(work, step, *a, **k):
+        real_save(work, step, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(STAGES, recipe_mod.load(r), interrupted, last="train", echo=lambda s: None)
+    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+    rec = run_stages(STAGES, recipe_mod.load(r), interrupted, last="train", echo=lambda s: None,
+                     options={"resume": True})["train"]
+    assert rec["figures"]["resumed_from_step"] == 2
+    a = load_file(straight / "train" / "adapter" / adapters.WEIGHTS)
+    b = load_file(interrupted / "train" / "adapter" / adapters.WEIGHTS)
+    assert a.keys() == b.keys() and any("gate" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("adapter, words", [
+    ('method = "adapter"\nbottleneck = 48', "bottleneck 48 must be a multiple of target android-arm64's block_size 32"),
+    ('method = "adapter"\nplacement = []', "placement must name"),
+    ('method = "adapter"\nplacement = ["ffn"]', "placement"),
+    ('method = "adapter"\nmode = "sideways"', "mode"),
+    ('method = "adapter"\ntarget_modules = ["q_proj"]', "bottleneck adapters take placement"),
+    ('method = "adapter"\nscale = 0.0', "scale must be positive"),
+])
+def test_bad_adapter_settings_are_one_line(tmp_path, tiny_model_dir, adapter, words):
+    from tests.test_cli import edgepeft
+
+    body = write_recipe(tmp_path / "r.toml", tiny_model_dir).read_text()
+    start = body.index("[adapter]")
+    body = body[:start] + "[adapter]\n" + adapter + "\n" + body[body.index("[train]"):]
+    (tmp_path / "r.toml").write_text(body)
+    r = edgepeft("run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out"))
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+    assert not (tmp_path / "out" / "load").exists()
+
+
+def test_merge_folder_keeps_the_adapters_out_of_the_weights(adapter_run):
+    """The merged folder's weights are the base's alone (transformers loads it without unknown keys), and the
+    unmerged adapters beside it are what the train stage saved."""
+    from safetensors.torch import load_file
+
+    merge = adapter_run["out"] / "merge" / "model"
+    keys = load_file(merge / "model.safetensors").keys()
+    assert not any(adapters.ATTR in k for k in keys)
+    saved = load_file(adapter_run["out"] / "train" / "adapter" / adapters.WEIGHTS)
+    kept = load_file(merge / adapters.UNMERGED / adapters.WEIGHTS)
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
