@@ -57,6 +57,15 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "edgepeft.latency.bench", "dist/android", *session.posargs)
 
 
+@nox.session(name="compare-methods")
+def compare_methods(session: nox.Session) -> None:
+    """Every adapter method of export/compare/methods.toml trained on the Android recipe with the same step
+    budget, bundled, gated and profiled interleaved; the table in dist/compare/methods.md (about 15 minutes
+    per method on 2 cores). `-- --only adapter` runs one."""
+    install(session)
+    session.run("edgepeft", "compare-methods", "export/compare/methods.toml", *session.posargs)
+
+
 ANDROID_BUNDLE = "dist/android/bundle/android-arm64"
 ANDROID_BASELINE = "export/baselines/android-android-arm64.json"
 

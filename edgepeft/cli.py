@@ -256,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--rounds", type=int, help="interleaved rounds (default: the baseline's, 20)")
     lc.add_argument("--tolerance", type=float, help="slowdown allowed, e.g. 0.1 = 10%% (default: the baseline's)")
     lc.set_defaults(func=_latency_check)
+    cm = sub.add_parser("compare-methods", help="every adapter method of a list through the pipeline on one recipe, "
+                                                "profiled interleaved; one table")
+    cm.add_argument("methods", nargs="?", default="export/compare/methods.toml",
+                    help="methods file (default: export/compare/methods.toml)")
+    cm.add_argument("--out", default="dist/compare", help="folder of the runs and the table (default: dist/compare)")
+    cm.add_argument("--only", metavar="NAME", action="append", help="run only this method (repeatable)")
+    cm.set_defaults(func=_compare_methods)
     g = sub.add_parser("generate", help="answer a prompt with a bundle alone (onnxruntime-genai)")
     g.add_argument("bundle", help="bundle folder")
     g.add_argument("prompt", help="the user's message")
@@ -264,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-check", action="store_true", help="skip re-hashing the files first")
     g.set_defaults(func=_generate)
     return p
+
+
+def _compare_methods(args) -> int:
+    from edgepeft.compare import compare_methods
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EdgepeftError(f"--out {out} is a file, not a folder")
+    result = compare_methods(Path(args.methods), out, STAGES, args.only)
+    return 0 if all("error" not in r for r in result["rows"]) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

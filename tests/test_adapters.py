@@ -188,3 +188,45 @@ def test_merge_folder_keeps_the_adapters_out_of_the_weights(adapter_run):
     saved = load_file(adapter_run["out"] / "train" / "adapter" / adapters.WEIGHTS)
     kept = load_file(merge / adapters.UNMERGED / adapters.WEIGHTS)
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+
+
+def test_compare_methods_table(tmp_path, tiny_model_dir):
+    """Two methods on one recipe: both rows, the latency ratio against the first, shared early stages."""
+    from edgepeft.compare import compare_methods
+
+    write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
+    methods = tmp_path / "methods.toml"
+    methods.write_text('recipe = "tiny.toml"\n[methods.lora]\nmethod = "lora"\n'
+                       '[methods.adapter]\nmethod = "adapter"\nbottleneck = 32\ngated = true\n')
+    out = tmp_path / "compare"
+    result = compare_methods(methods, out, STAGES, echo=lambda s: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["lora", "adapter"] and all("error" not in r for r in rows.values())
+    assert rows["lora"]["decode_vs_first"] == 1.0 and rows["adapter"]["decode_ms"] > 0
+    assert rows["adapter"]["trainable_parameters"] == 2 * (2 * 64 * 32 + 64 + 1)
+    assert rows["lora"]["adapter"] == "lora" and rows["adapter"]["adapter"] == "adapter"
+    assert all(r["gate_passed"] is True and r["bundle_bytes"] > 0 for r in rows.values())
+    table = (out / "methods.md").read_text()
+    assert "| lora (lora) |" in table and "| adapter (adapter) |" in table
+    assert json.loads((out / "methods.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    # load and quantize are made once: the second run links the first one's files
+    q = "quantize/model/model.safetensors"
+    assert (out / "lora" / q).stat().st_ino == (out / "adapter" / q).stat().st_ino
+
+
+@pytest.mark.parametrize("body, only, words", [
+    ('recipe = "tiny.toml"\n', None, "at least one [methods.<name>]"),
+    ('recipe = "tiny.toml"\n[methods.x]\nmethod = "prefix-of-doom"\n', None, "[adapter]"),
+    ('recipe = "tiny.toml"\n[methods.x]\nmethod = "lora"\n', ["y"], "no [methods.y]"),
+    ('recipe = "tiny.toml"\nplot = true\n[methods.x]\nmethod = "lora"\n', None, "unknown key 'plot'"),
+])
+def test_compare_methods_bad_input_before_any_run(tmp_path, tiny_model_dir, body, only, words):
+    from edgepeft.compare import compare_methods
+    from edgepeft.core.errors import EdgepeftError
+
+    write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
+    (tmp_path / "m.toml").write_text(body)
+    with pytest.raises(EdgepeftError, match=None) as e:
+        compare_methods(tmp_path / "m.toml", tmp_path / "out", STAGES, only, echo=lambda s: None)
+    assert words in str(e.value)
+    assert not (tmp_path / "out").exists()
