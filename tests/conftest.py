@@ -45,7 +45,9 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
 ADAPTERS = {"lora": 'method = "lora"\nr = 8\nalpha = 16',
             "ia3": 'method = "ia3"',  # with its defaults (k, v, down), as a user gets it by changing only `method`
             "adapter": 'method = "adapter"\nbottleneck = 32\nplacement = ["attn", "mlp"]',
-            "adapter-parallel-gated": 'method = "adapter"\nbottleneck = 32\nmode = "parallel"\ngated = true'}
+            "adapter-parallel-gated": 'method = "adapter"\nbottleneck = 32\nmode = "parallel"\ngated = true',
+            "lora-gated": 'method = "lora"\nr = 8\nalpha = 16\ngated = true\n'
+                          'target_modules = ["q_proj", "v_proj", "down_proj"]'}
 
 
 def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "",

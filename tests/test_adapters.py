@@ -1,5 +1,5 @@
-"""Bottleneck adapters (``method = "adapter"``): causal gates, the graph computing what PyTorch computes, and the
-whole pipeline on the tiny model, serial and parallel-gated."""
+"""edgepeft's own adapters, bottleneck (``method = "adapter"``) and gated LoRA (``gated = true``): causal gates,
+the graph computing what PyTorch computes, and the whole pipeline on the tiny model."""
 
 import json
 
@@ -13,10 +13,38 @@ from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
 from tests.conftest import write_recipe
 
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPECS = {
-    "serial-attn-mlp": {"mode": "serial", "placement": ["attn", "mlp"], "gated": False, "scale": 1.0},
-    "parallel-gated-scaled": {"mode": "parallel", "placement": ["mlp"], "gated": True, "scale": 2.0},
+    "serial-attn-mlp": {"bottleneck": {"size": 32, "mode": "serial", "placement": ["attn", "mlp"], "gated": False,
+                                       "scale": 1.0}},
+    "parallel-gated-scaled": {"bottleneck": {"size": 32, "mode": "parallel", "placement": ["mlp"], "gated": True,
+                                             "scale": 2.0}},
+    "gated-lora-qv": {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "gated": True, "targets": ["q_proj", "v_proj"]}},
+    "gated-lora-all-and-serial-attn": {
+        "bottleneck": {"size": 32, "mode": "serial", "placement": ["attn"], "gated": True, "scale": 1.0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "gated": True, "targets": ALL}},
 }
+# the tiny model: width 64, MLP 128, q 64, k and v 32 each
+SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 128),
+          "up_proj": (64, 128), "down_proj": (128, 64)}
+
+
+def _expected(spec: dict) -> dict:
+    """Per layer: trainable parameters, nodes export adds, MatMuls the int4 graph gains."""
+    b, lo = spec.get("bottleneck"), spec.get("lora")
+    out = {"trainable": 0, "nodes": 0, "matmuls": 0}
+    if b:
+        n = len(b["placement"])
+        out["trainable"] += n * (2 * 64 * b["size"] + (64 + 1 if b["gated"] else 0))
+        out["nodes"] += n * (8 if b["gated"] else 4)
+        out["matmuls"] += n * (3 if b["gated"] else 2)
+    if lo:
+        for t in lo["targets"]:
+            fan_in, fan_out = SHAPES[t]
+            out["trainable"] += lo["r"] * (fan_in + fan_out) + fan_in + 1
+        out["nodes"] += 7 * len(lo["targets"])  # A, B, gate MatMul + Add + Sigmoid, Mul, Add
+        out["matmuls"] += 3 * len(lo["targets"])
+    return out
 
 
 def _plain(model_dir):
@@ -29,8 +57,8 @@ def _with_random_adapters(model, spec: dict):
     """``model`` with an adapter set of ``spec`` whose weights (the zero-initialized up-projection and the gate
     included) are random and large enough to change the output."""
     c = model.config
-    full = {"method": "adapter", "bottleneck": 32, "hidden_size": c.hidden_size, "layers": c.num_hidden_layers,
-            **spec}
+    full = {"method": "lora" if "lora" in spec else "adapter", "hidden_size": c.hidden_size,
+            "layers": c.num_hidden_layers, **spec}
     adapters.attach_spec(model, full)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -73,7 +101,7 @@ def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path,
     merged_dir = tmp_path / "merged"
     adapters.merge_into(_plain(tiny_model_dir), tmp_path / "adapter", merged_dir)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(merged_dir)  # as the merge stage does
-    assert adapters.unmerged_spec(merged_dir)["mode"] == SPECS[name]["mode"]
+    assert {k: v for k, v in adapters.unmerged_spec(merged_dir).items() if k in SPECS[name]} == SPECS[name]
     model = adapters.load_merged(merged_dir)
     ids = list(range(300, 340))
     reference = _logits(model, ids).numpy()
@@ -83,15 +111,14 @@ def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path,
     build_onnx(merged_dir, out, "fp32", cache_dir=tmp_path / "cache")
     without = Decoder(out / "model.onnx").prefill(ids)[0]
     added = _add_unmerged(merged_dir, out)
-    places = len(SPECS[name]["placement"])
-    assert added == 2 * places * (8 if SPECS[name]["gated"] else 4)
+    assert added == 2 * _expected(SPECS[name])["nodes"]
     decoder = Decoder(out / "model.onnx")
     assert np.abs(decoder.prefill(ids)[0] - reference).max() < 1e-4
     assert np.abs(decode_logits(decoder, ids, 30) - reference[30:]).max() < 1e-4
     assert np.abs(without - reference).max() > 0.05
 
 
-@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated"])
+@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated", "lora-gated"])
 def adapter_run(request, tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp(request.param)
     recipe = write_recipe(root / "tiny.toml", tiny_model_dir, method=request.param)
@@ -106,16 +133,14 @@ def test_adapter_pipeline_builds_a_verified_bundle(adapter_run):
 
     recs, out = adapter_run["records"], adapter_run["out"]
     spec = json.loads((out / "train" / "adapter" / adapters.CONFIG).read_text())
-    places = len(spec["placement"])
-    per = 2 * 64 * 32 + (64 + 1 if spec["gated"] else 0)  # down + up (+ gate and its bias) per place, width 64
-    assert recs["train"]["figures"]["trainable_parameters"] == 2 * places * per
+    expected = _expected(spec)
+    assert recs["train"]["figures"]["trainable_parameters"] == 2 * expected["trainable"]
     assert recs["merge"]["figures"]["unmerged"] == spec
     assert recs["merge"]["figures"]["max_logit_diff"] < 1e-3
-    assert recs["export"]["figures"]["adapter_nodes"] == 2 * places * (8 if spec["gated"] else 4)
+    assert recs["export"]["figures"]["adapter_nodes"] == 2 * expected["nodes"]
     assert recs["export"]["figures"]["max_logit_diff"] < 1e-3
     # every adapter MatMul is int4 in the shipped graph: 2 layers x 5 projections, the head, the adapters
-    parts = 3 if spec["gated"] else 2
-    assert recs["requantize"]["figures"]["matmulnbits"] == 2 * 5 + 1 + 2 * places * parts
+    assert recs["requantize"]["figures"]["matmulnbits"] == 2 * 5 + 1 + 2 * expected["matmuls"]
     assert recs["heal"]["figures"]["mirror_vs_ort_max_logit_diff"] < 1e-3
     assert recs["evaluate"]["figures"]["passed"]
     problems, sample = verify(adapter_run["bundle"])
@@ -163,11 +188,22 @@ def test_adapter_training_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch)
     ('method = "adapter"\nmode = "sideways"', "mode"),
     ('method = "adapter"\ntarget_modules = ["q_proj"]', "bottleneck adapters take placement"),
     ('method = "adapter"\nscale = 0.0', "scale must be positive"),
+    ('method = "ia3"\ngated = true', "gated applies to LoRA and bottleneck adapters"),
+    ('method = "lora"\ngated = true\ntarget_modules = ["lm_head"]', "not 'lm_head'"),
+    ('method = "lora"\ngated = true\nr = 8\nBLOCK64', "block_size 64 must divide it (r = 8): use r = 64"),
 ])
 def test_bad_adapter_settings_are_one_line(tmp_path, tiny_model_dir, adapter, words):
     from tests.test_cli import edgepeft
 
-    body = write_recipe(tmp_path / "r.toml", tiny_model_dir).read_text()
+    target = None
+    if "BLOCK64" in adapter:  # a target with blocks of 64
+        from pathlib import Path
+
+        text = (Path(__file__).parents[1] / "targets" / "android-arm64.toml").read_text()
+        (tmp_path / "b64.toml").write_text(text.replace("block_size = 32", "block_size = 64")
+                                           .replace('name = "android-arm64"', 'name = "b64"'))
+        adapter, target = adapter.replace("\nBLOCK64", ""), (tmp_path / "b64.toml").as_posix()
+    body = write_recipe(tmp_path / "r.toml", tiny_model_dir, target=target).read_text()
     start = body.index("[adapter]")
     body = body[:start] + "[adapter]\n" + adapter + "\n" + body[body.index("[train]"):]
     (tmp_path / "r.toml").write_text(body)

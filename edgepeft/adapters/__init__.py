@@ -1,12 +1,14 @@
 """Adapters: one interface over the methods the train stage can fit on the frozen 4-bit base.
 
 ``lora`` and ``ia3`` are HF peft's (saved as peft saves them: ``adapter_config.json``); ``adapter``
-(bottleneck adapters, ``edgepeft.adapters.bottleneck``) is edgepeft's own (saved as ``edgepeft_adapter.json``
+(bottleneck adapters, ``edgepeft.adapters.bottleneck``) and gated LoRA (``lora`` with ``gated = true``,
+``edgepeft.adapters.lora``) are edgepeft's own (``edgepeft.adapters.model``; saved as ``edgepeft_adapter.json``
 + ``edgepeft_adapter.safetensors``). The stages call only the functions here, so the training loop, the
 reference (4-bit base + adapter), the merge check, export and the quality gate work alike for every method.
 
-What can be merged is merged (LoRA, IA3: into the dequantized base's weights); what cannot is kept beside the
-merged model, in the merge folder's ``unmerged/``, and becomes part of the exported graph.
+What can be merged is merged (LoRA, IA3: into the dequantized base's weights); what cannot (bottleneck adapters,
+gated LoRA) is kept beside the merged model, in the merge folder's ``unmerged/``, and becomes part of the
+exported graph.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
+# the decoder projections gated LoRA can target (their places in the exported graph are known)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK_QUANTUM = 32  # gated LoRA's rank is padded to a multiple of this in the graph (int4 block sizes divide it)
 PEFT_METHODS = ("lora", "ia3")
 OWN_METHODS = ("adapter",)
 METHODS = PEFT_METHODS + OWN_METHODS
@@ -23,6 +28,10 @@ CONFIG = "edgepeft_adapter.json"
 WEIGHTS = "edgepeft_adapter.safetensors"
 UNMERGED = "unmerged"  # the merge folder's subfolder holding what the merge could not fold into the weights
 ATTR = "edgepeft_adapters"  # where an own adapter set hangs on the model
+
+
+def padded_rank(r: int) -> int:
+    return -(-r // RANK_QUANTUM) * RANK_QUANTUM
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -43,26 +52,34 @@ def peft_config(adapter):
                      task_type="CAUSAL_LM")
 
 
+def is_peft(adapter) -> bool:
+    """Whether the recipe's ``[adapter]`` table is trained by peft (ungated LoRA, IA3) or by edgepeft's own modules."""
+    return adapter.method in PEFT_METHODS and not adapter.gated
+
+
 def wrap(model, adapter):
     """``model`` with a new, trainable adapter of the recipe's ``[adapter]`` table; the base stays frozen."""
-    if adapter.method in PEFT_METHODS:
+    if is_peft(adapter):
         from peft import get_peft_model
 
         return get_peft_model(model, peft_config(adapter))
-    from edgepeft.adapters.bottleneck import spec_for
+    from edgepeft.adapters.model import spec_for
 
     return attach_spec(model, spec_for(model, adapter))
 
 
-def attach_spec(model, spec: dict):
-    """``model`` (frozen) with a new adapter set of definition ``spec`` hung on it and hooked in."""
-    from edgepeft.adapters.bottleneck import AdapterSet
+def attach_spec(model, spec: dict, hooks: bool = True):
+    """``model`` (frozen) with a new adapter set of definition ``spec`` hung on it and (``hooks``) hooked into
+    its modules; without, ``getattr(model, ATTR).attach(model)`` hooks it in later (after the modules it hooks
+    into were replaced, as the heal mirror does)."""
+    from edgepeft.adapters.model import AdapterSet
 
     for p in model.parameters():
         p.requires_grad_(False)
     dev = next(model.parameters()).device
-    aset = AdapterSet(spec).to(dev)
-    aset.attach(model)
+    aset = AdapterSet(spec, model.config).to(dev)
+    if hooks:
+        aset.attach(model)
     setattr(model, ATTR, aset)  # a submodule: DDP and the optimizer see its parameters
     return model
 

@@ -17,8 +17,9 @@ back, so the graph then holds scales every kernel reads alike.
 The rest of the network (attention with rotary positions, SiLU MLP, residuals) is transformers' own Llama
 implementation, built from the merged model's config: the graph's ``GroupQueryAttention`` and
 ``SkipSimplifiedLayerNormalization`` compute the same functions. Bottleneck adapters the merge left in the
-graph (``edgepeft.onnx.adapters``) are ``edgepeft.adapters.bottleneck``'s modules on the same hooks, their
-MatMuls quantized like the others and their scales fitted with them.
+graph and gated LoRA side branches (``edgepeft.onnx.adapters``) are ``edgepeft.adapters.model``'s modules on the
+same hooks, shaped as the graph stores them (scales folded in, LoRA's rank padded, a packed q/k/v target's
+update cut from the packed width), their MatMuls quantized like the others and their scales fitted with them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,21 @@ from edgepeft.onnx.quant import Quantized
 
 ACTIVATION_SCHEMES = ("blockwise", "rowwise")
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(qkv_proj|o_proj|gate_proj|up_proj|down_proj)/MatMul_Q\d+$")
-_ADAPTER_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)_adapter/(down|up|gate)/MatMul_Q\d+$")
+_ADAPTER_NODE = re.compile(r"^/model/layers\.(\d+)/(\w+?)_(adapter|lora)/(down|up|gate|A|B)/MatMul_Q\d+$")
+
+
+def graph_spec(unmerged: dict) -> dict:
+    """An adapter set's spec as its graph computes it: output scales 1 (folded into the weights), LoRA's rank
+    padded (``edgepeft.adapters.lora.padded_rank``), no dropout."""
+    from edgepeft.adapters.lora import padded_rank
+
+    spec = dict(unmerged)
+    if spec.get("bottleneck"):
+        spec["bottleneck"] = {**spec["bottleneck"], "scale": 1.0}
+    if spec.get("lora"):
+        r = padded_rank(spec["lora"]["r"])
+        spec["lora"] = {**spec["lora"], "r": r, "alpha": r, "dropout": 0.0}
+    return spec
 
 
 def fake_int8(x: torch.Tensor, scheme: str | None, block: int) -> torch.Tensor:
@@ -161,7 +176,9 @@ class Mirror:
         from transformers import AutoModelForCausalLM
 
         from edgepeft import adapters
-        from edgepeft.onnx.adapters import gate_bias_name
+        from edgepeft.adapters.bottleneck import Bottleneck
+        from edgepeft.adapters.lora import packed_slice
+        from edgepeft.onnx.adapters import part_prefix
 
         if not config.tie_word_embeddings:
             raise ValueError("healing needs the token table tied to the head (as the graph's "
@@ -169,8 +186,8 @@ class Mirror:
         self.graph = graph
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         layers = config.num_hidden_layers
-        if unmerged is not None:  # the graph's up-projections carry the adapters' scale
-            adapters.attach_spec(model, {**unmerged, "scale": 1.0})
+        if unmerged is not None:  # hooked in once the linears it hooks into are the quantized ones
+            adapters.attach_spec(model, graph_spec(unmerged), hooks=False)
         q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         self.linears: dict[str, list[tuple[QuantLinear, int, int]]] = {}  # node -> (module, first row, rows)
         for name, (_node, weight) in graph.matmuls.items():
@@ -187,7 +204,7 @@ class Mirror:
                 sub = "self_attn" if m.group(2) == "attn" else "mlp"
                 parts = [(f"model.layers.{m.group(1)}.{sub}.{m.group(3)}", 0, sc.shape[0])]
             elif a and unmerged is not None:
-                parts = [(f"{adapters.ATTR}.layers.{a.group(1)}.{a.group(2)}.{a.group(3)}", 0, sc.shape[0])]
+                parts = [(f"{adapters.ATTR}.layers.{a.group(1)}.{a.group(2)}.{a.group(4)}", 0, sc.shape[0])]
             else:
                 raise ValueError(f"MatMulNBits node {name!r} is not one the mirror knows (Llama-family layout)")
             self.linears[name] = []
@@ -196,6 +213,9 @@ class Mirror:
                                  bf16_scales)
                 parent, _, attr = module_name.rpartition(".")
                 old = model.get_submodule(module_name)
+                if a and a.group(4) == "B" and ql.weight().shape[0] != old.out_features:  # B over packed q, k, v
+                    model.get_submodule(parent).out_slice = packed_slice(config, a.group(2))
+                    old = nn.Linear(old.in_features, ql.weight().shape[0])
                 if (old.out_features, old.in_features) != tuple(ql.weight().shape):
                     raise ValueError(f"{name}: graph weight {tuple(ql.weight().shape)} does not fit {module_name}")
                 setattr(model.get_submodule(parent) if parent else model, attr, ql)
@@ -205,11 +225,15 @@ class Mirror:
             raise ValueError(f"the graph has no quantized weight for {missing[:3]}")
         model.model.embed_tokens = QuantEmbedding(model.lm_head)
         aset = getattr(model, adapters.ATTR, None)
+        if aset is not None:
+            aset.attach(model)
         for i, block in enumerate(aset.layers if aset is not None else ()):
-            for place, adapter in block.items():
-                if adapter.gate is not None:
+            for name, part in block.items():
+                if part.gate is not None:
+                    kind = "adapter" if isinstance(part, Bottleneck) else "lora"
+                    bias = graph.array(f"{part_prefix(i, f'{name}_{kind}')}.gate.bias")
                     with torch.no_grad():
-                        adapter.gate_bias.copy_(torch.from_numpy(graph.array(gate_bias_name(i, place)).copy()))
+                        part.gate_bias.copy_(torch.from_numpy(bias.copy()))
         self.norms = {}
         for module_name, init_name in _norm_names(layers).items():
             mod = model.get_submodule(module_name)

@@ -1,6 +1,7 @@
-"""What the merge could not fold into the weights, put into the exported decoder graph: bottleneck adapters
-as extra MatMuls (quantized with the others by requantize), each with its Relu and, when gated, its per-token
-Sigmoid gate, where the PyTorch model has them (``edgepeft.adapters.bottleneck``).
+"""What the merge could not fold into the weights, put into the exported decoder graph where the PyTorch model
+has it (``edgepeft.adapters.model``): bottleneck adapters as extra MatMuls with their Relu, gated LoRA as a side
+branch ``x A B`` beside its target's MatMul; every gate a per-token MatMul + Add + Sigmoid + Mul. The extra
+MatMuls are quantized with the others by requantize and fitted with them by heal.
 
 The builder's graph names each layer's projections ``/model/layers.{i}/attn/{qkv_proj|q_proj|o_proj}/MatMul``
 and ``/model/layers.{i}/mlp/{gate_proj|down_proj}/MatMul``. A sublayer's input is the input of its first
@@ -19,24 +20,122 @@ _INPUT = {"attn": ("qkv_proj", "q_proj"), "mlp": ("gate_proj", "up_proj")}
 _OUTPUT = {"attn": "o_proj", "mlp": "down_proj"}
 
 
-def node_name(layer: int, place: str, part: str) -> str:
-    """The graph name of an adapter part's MatMul (requantize appends ``_Q4`` / ``_Q8``)."""
-    return f"/model/layers.{layer}/{place}_adapter/{part}/MatMul"
+def part_prefix(layer: int, part: str) -> str:
+    """Where an adapter part lives in the graph: ``/model/layers.<i>/<attn|mlp>_adapter`` (bottleneck) or
+    ``/model/layers.<i>/<target>_lora`` (gated LoRA). Its MatMuls are ``<prefix>/<down|up|A|B|gate>/MatMul``
+    (requantize appends ``_Q4`` / ``_Q8``), its gate's bias ``<prefix>.gate.bias``."""
+    return f"/model/layers.{layer}/{part}"
 
 
-def gate_bias_name(layer: int, place: str) -> str:
-    return f"model.layers.{layer}.{place}_adapter.gate.bias"
-
-
-def insert_bottlenecks(model, spec: dict, tensors: dict[str, np.ndarray]) -> int:
+def insert_unmerged(model, spec: dict, tensors: dict[str, np.ndarray], config) -> int:
     """Add the adapter set ``spec`` with weights ``tensors`` (its state dict, as numpy) to the fp32 graph
-    ``model``, in place. Returns the number of nodes added."""
+    ``model`` of a model with HF ``config``, in place. Returns the number of nodes added. Bottlenecks go in first:
+    a LoRA update of ``o_proj`` / ``down_proj`` then feeds the serial adapter after it, as in PyTorch."""
+    added = 0
+    if spec.get("bottleneck"):
+        added += insert_bottlenecks(model, spec["layers"], spec["bottleneck"], tensors)
+    if spec.get("lora"):
+        added += insert_lora(model, spec["layers"], spec["lora"], tensors, config)
+    return added
+
+
+def _gate(x: str, pre: str, key: str, tensors, g) -> tuple[list, str]:
+    """A per-token gate ``sigmoid(x w_g + b_g)`` on graph tensor ``x``: (its nodes, its output's name)."""
+    from onnx import helper, numpy_helper
+
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tensors[f"{key}.gate.weight"].T, np.float32),
+                                                 f"{pre}.gate.weight"))
+    g.initializer.append(numpy_helper.from_array(tensors[f"{key}.gate_bias"].astype(np.float32).reshape(1),
+                                                 f"{pre}.gate.bias"))
+    nodes = [
+        helper.make_node("MatMul", [x, f"{pre}.gate.weight"], [f"{pre}/gate/output_0"], name=f"{pre}/gate/MatMul"),
+        helper.make_node("Add", [f"{pre}/gate/output_0", f"{pre}.gate.bias"], [f"{pre}/gate/Add/output_0"],
+                         name=f"{pre}/gate/Add"),
+        helper.make_node("Sigmoid", [f"{pre}/gate/Add/output_0"], [f"{pre}/gate/Sigmoid/output_0"],
+                         name=f"{pre}/gate/Sigmoid"),
+    ]
+    return nodes, f"{pre}/gate/Sigmoid/output_0"
+
+
+def _add_after(g, out: str, delta_nodes: list, delta: str, pre: str) -> None:
+    """Insert ``delta_nodes`` and ``out + delta`` right after ``out``'s producer; ``out``'s consumers read the sum."""
+    from onnx import helper
+
+    total = f"{pre}/Add/output_0"
+    for consumer in g.node:
+        for k, name in enumerate(consumer.input):
+            if name == out:
+                consumer.input[k] = total
+    nodes = [*delta_nodes, helper.make_node("Add", [out, delta], [total], name=f"{pre}/Add")]
+    at = next(k for k, n in enumerate(g.node) if out in n.output) + 1
+    for n in reversed(nodes):
+        g.node.insert(at, n)
+
+
+def insert_lora(model, layers: int, lora: dict, tensors: dict[str, np.ndarray], config) -> int:
+    """Gated LoRA side branches: for each target, ``out += (x A_pad) B_pad * gate(x)`` with ``A_pad`` [in, R] and
+    ``B_pad`` [R, graph width] zero-padded (``edgepeft.adapters.lora``) and the scale folded into ``B_pad``."""
+    from onnx import helper, numpy_helper
+
+    from edgepeft.adapters.lora import ATTENTION, packed_slice, padded_rank
+
+    g = model.graph
+    names = {n.name for n in g.node}
+    rank = padded_rank(lora["r"])
+    scale = np.float32(lora["alpha"] / lora["r"])
+    added = 0
+    for i in range(layers):
+        for t in lora["targets"]:
+            sub = "attn" if t in ATTENTION else "mlp"
+            own = f"/model/layers.{i}/{sub}/{t}/MatMul"
+            packed = f"/model/layers.{i}/attn/qkv_proj/MatMul"
+            name = own if own in names or t not in ("q_proj", "k_proj", "v_proj") else packed
+            node = next((n for n in g.node if n.name == name), None)
+            if node is None:
+                raise EdgepeftError(f"[export] the graph has no {name} for layer {i}'s gated LoRA on {t}")
+            x, out = node.input[0], node.output[0]
+            width = next(i.dims[1] for i in g.initializer if i.name == node.input[1])
+            key, pre = f"layers.{i}.{t}", part_prefix(i, f"{t}_lora")
+            a, b = tensors[f"{key}.A.weight"].T, tensors[f"{key}.B.weight"].T * scale  # [in, r], [r, out]
+            a_pad = np.zeros((a.shape[0], rank), np.float32)
+            a_pad[:, :a.shape[1]] = a
+            off = packed_slice(config, t)[0] if name == packed else 0
+            b_pad = np.zeros((rank, width), np.float32)
+            b_pad[:b.shape[0], off:off + b.shape[1]] = b
+            g.initializer.append(numpy_helper.from_array(a_pad, f"{pre}.A.weight"))
+            g.initializer.append(numpy_helper.from_array(b_pad, f"{pre}.B.weight"))
+            gate_nodes, gate = _gate(x, pre, key, tensors, g)
+            nodes = [
+                helper.make_node("MatMul", [x, f"{pre}.A.weight"], [f"{pre}/A/output_0"], name=f"{pre}/A/MatMul"),
+                helper.make_node("MatMul", [f"{pre}/A/output_0", f"{pre}.B.weight"], [f"{pre}/B/output_0"],
+                                 name=f"{pre}/B/MatMul"),
+                *gate_nodes,
+                helper.make_node("Mul", [f"{pre}/B/output_0", gate], [f"{pre}/output_0"], name=f"{pre}/gate/Mul"),
+            ]
+            current = _current(g, out)
+            _add_after(g, current, nodes, f"{pre}/output_0", pre)
+            added += len(nodes) + 1
+    return added
+
+
+def _current(g, out: str) -> str:
+    """The tensor now standing for ``out``: the last sum a side branch already added to it (packed q, k, v)."""
+    while True:
+        nxt = next((n.output[0] for n in g.node if n.op_type == "Add" and n.input and n.input[0] == out
+                    and n.name.endswith("_lora/Add")), None)
+        if nxt is None:
+            return out
+        out = nxt
+
+
+def insert_bottlenecks(model, layers: int, spec: dict, tensors: dict[str, np.ndarray]) -> int:
+    """Bottleneck adapters after attention and/or the MLP of every layer (``spec``: the set's "bottleneck")."""
     from onnx import helper, numpy_helper
 
     g = model.graph
     by_name = {n.name: n for n in g.node}
     added = 0
-    for i in range(spec["layers"]):
+    for i in range(layers):
         for place in spec["placement"]:
             first = next((by_name[f"/model/layers.{i}/{place}/{p}/MatMul"] for p in _INPUT[place]
                           if f"/model/layers.{i}/{place}/{p}/MatMul" in by_name), None)
@@ -46,44 +145,23 @@ def insert_bottlenecks(model, spec: dict, tensors: dict[str, np.ndarray]) -> int
                                     "goes (the exporter's layout is not the Llama one)")
             x, out = first.input[0], last.output[0]
             h = x if spec["mode"] == "parallel" else out
-            pre = f"/model/layers.{i}/{place}_adapter"
-            key = f"layers.{i}.{place}"
-            weights = {"down": tensors[f"{key}.down.weight"].T,
-                       "up": tensors[f"{key}.up.weight"].T * np.float32(spec["scale"])}
-            nodes = [
-                helper.make_node("MatMul", [h, f"{pre}.down.weight"], [f"{pre}/down/output_0"],
-                                 name=node_name(i, place, "down")),
-                helper.make_node("Relu", [f"{pre}/down/output_0"], [f"{pre}/Relu/output_0"], name=f"{pre}/Relu"),
-                helper.make_node("MatMul", [f"{pre}/Relu/output_0"], [f"{pre}/up/output_0"] if spec["gated"]
-                                 else [f"{pre}/output_0"], name=node_name(i, place, "up")),
-            ]
-            nodes[2].input.append(f"{pre}.up.weight")
-            if spec["gated"]:
-                weights["gate"] = tensors[f"{key}.gate.weight"].T
-                bias = gate_bias_name(i, place)
-                g.initializer.append(numpy_helper.from_array(
-                    tensors[f"{key}.gate_bias"].astype(np.float32).reshape(1), bias))
-                nodes += [
-                    helper.make_node("MatMul", [x, f"{pre}.gate.weight"], [f"{pre}/gate/output_0"],
-                                     name=node_name(i, place, "gate")),
-                    helper.make_node("Add", [f"{pre}/gate/output_0", bias], [f"{pre}/gate/Add/output_0"],
-                                     name=f"{pre}/gate/Add"),
-                    helper.make_node("Sigmoid", [f"{pre}/gate/Add/output_0"], [f"{pre}/gate/Sigmoid/output_0"],
-                                     name=f"{pre}/gate/Sigmoid"),
-                    helper.make_node("Mul", [f"{pre}/up/output_0", f"{pre}/gate/Sigmoid/output_0"],
-                                     [f"{pre}/output_0"], name=f"{pre}/gate/Mul"),
-                ]
-            total = f"{pre}/Add/output_0"
-            for consumer in g.node:
-                for k, name in enumerate(consumer.input):
-                    if name == out:
-                        consumer.input[k] = total
-            nodes.append(helper.make_node("Add", [out, f"{pre}/output_0"], [total], name=f"{pre}/Add"))
-            for part, w in weights.items():
+            pre, key = part_prefix(i, f"{place}_adapter"), f"layers.{i}.{place}"
+            for part, w in (("down", tensors[f"{key}.down.weight"].T),
+                            ("up", tensors[f"{key}.up.weight"].T * np.float32(spec["scale"]))):
                 g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w, np.float32),
                                                              f"{pre}.{part}.weight"))
-            at = list(g.node).index(last) + 1
-            for n in reversed(nodes):
-                g.node.insert(at, n)
-            added += len(nodes)
+            up = f"{pre}/up/output_0" if spec["gated"] else f"{pre}/output_0"
+            nodes = [
+                helper.make_node("MatMul", [h, f"{pre}.down.weight"], [f"{pre}/down/output_0"],
+                                 name=f"{pre}/down/MatMul"),
+                helper.make_node("Relu", [f"{pre}/down/output_0"], [f"{pre}/Relu/output_0"], name=f"{pre}/Relu"),
+                helper.make_node("MatMul", [f"{pre}/Relu/output_0", f"{pre}.up.weight"], [up],
+                                 name=f"{pre}/up/MatMul"),
+            ]
+            if spec["gated"]:
+                gate_nodes, gate = _gate(x, pre, key, tensors, g)
+                nodes += [*gate_nodes,
+                          helper.make_node("Mul", [up, gate], [f"{pre}/output_0"], name=f"{pre}/gate/Mul")]
+            _add_after(g, out, nodes, f"{pre}/output_0", pre)
+            added += len(nodes) + 1
     return added

@@ -46,14 +46,16 @@ class AdapterConfig:
     target_modules: list[str] | str | None = None
     # IA3 only: which targeted modules are feed-forward (their input, not output, is scaled).
     feedforward_modules: list[str] | None = None
+    # A per-token sigmoid gate on each bottleneck adapter, or on each LoRA update (UniPELT's gates: gated LoRA
+    # cannot be merged and stays a side branch of the graph; its target_modules default to q_proj and v_proj)
+    gated: bool = False
     # Bottleneck adapters: width of the bottleneck (the reduction factor is hidden / bottleneck: 576 / 64 = 9 on
     # SmolLM2; a multiple of the target's block_size, since its up-projection is quantized block-wise), after
     # which sublayers, serial (on the sublayer's output) or parallel (on its input), each behind a per-token
-    # sigmoid gate or not, and a fixed scale on its output.
+    # sigmoid gate or not (`gated`), and a fixed scale on its output.
     bottleneck: int = 64
     placement: list[Literal["attn", "mlp"]] = field(default_factory=lambda: ["mlp"])
     mode: Literal["serial", "parallel"] = "serial"
-    gated: bool = False
     scale: float = 1.0
 
     def check(self) -> str | None:
@@ -65,6 +67,14 @@ class AdapterConfig:
             return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
         if self.feedforward_modules and self.method != "ia3":
             return "feedforward_modules applies to IA3 only"
+        if self.gated and self.method == "ia3":
+            return "gated applies to LoRA and bottleneck adapters, not IA3"
+        if self.gated and self.method == "lora" and isinstance(self.target_modules, list):
+            from edgepeft.adapters import LORA_TARGETS
+
+            bad = [t for t in self.target_modules if t not in LORA_TARGETS]
+            if bad:
+                return f"gated LoRA targets the decoder's projections ({', '.join(LORA_TARGETS)}), not {bad[0]!r}"
         if self.method == "adapter":
             if self.target_modules is not None:
                 return "target_modules applies to LoRA and IA3; bottleneck adapters take placement"

@@ -3,7 +3,7 @@ builder, ``edgepeft.onnx.builder``), checked against PyTorch.
 
 This stage exports fp32 only; ``requantize`` turns the weights into int4/int8 for the target, so the fp32
 graph is the reference the quantized one is measured against. What the merge could not fold into the weights
-(bottleneck adapters) is added to the graph as the PyTorch model computes it (``edgepeft.onnx.adapters``).
+(bottleneck adapters, gated LoRA) is added to the graph as the PyTorch model computes it (``edgepeft.onnx.adapters``).
 The stage checks its output: prefill logits on held-out prose and logits of token-by-token decoding through
 the KV cache must both match the merged PyTorch model (with its unmerged adapters) within ``max_logit_diff``,
 and the graph's opset must not exceed the target's.
@@ -18,7 +18,7 @@ import numpy as np
 from edgepeft import adapters
 from edgepeft.calib.sets import check_windows
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.onnx.adapters import insert_bottlenecks
+from edgepeft.onnx.adapters import insert_unmerged
 from edgepeft.onnx.builder import EXPORTER, MODEL, build_onnx, opset_of, save_graph
 from edgepeft.onnx.decoder import Decoder, decode_logits
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
@@ -76,9 +76,11 @@ def _add_unmerged(merged_dir, out) -> int:
         return 0
     import onnx
     from safetensors.numpy import load_file
+    from transformers import AutoConfig
 
     graph = onnx.load(str(out / MODEL))
-    added = insert_bottlenecks(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)))
+    added = insert_unmerged(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)),
+                            AutoConfig.from_pretrained(merged_dir))
     for f in out.glob(f"{MODEL}*"):
         f.unlink()
     save_graph(graph, out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 
+from edgepeft.adapters import RANK_QUANTUM, padded_rank
 from edgepeft.calib.sets import calibration_windows
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
@@ -106,10 +107,13 @@ def run(ctx: StageContext) -> None:
 
 
 def preflight(recipe) -> None:
-    adapter, block = recipe.adapter, recipe.target.block_size
+    adapter, block, name = recipe.adapter, recipe.target.block_size, recipe.target.name
     if adapter.method == "adapter" and adapter.bottleneck % block:
-        raise EdgepeftError(f"[adapter] bottleneck {adapter.bottleneck} must be a multiple of target "
-                            f"{recipe.target.name}'s block_size {block} (its up-projection is quantized block-wise)")
+        raise EdgepeftError(f"[adapter] bottleneck {adapter.bottleneck} must be a multiple of target {name}'s "
+                            f"block_size {block} (its up-projection is quantized block-wise)")
+    if adapter.method == "lora" and adapter.gated and padded_rank(adapter.r) % block:
+        raise EdgepeftError(f"[adapter] gated LoRA's rank is padded to a multiple of {RANK_QUANTUM} in the graph; "
+                            f"target {name}'s block_size {block} must divide it (r = {adapter.r}): use r = {block}")
 
 
 STAGE = Stage("requantize", run, sections=("requantize", "precision", "evaluate"), reads=("export", "train"),

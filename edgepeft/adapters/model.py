@@ -1,0 +1,81 @@
+"""The adapter set of a whole model: edgepeft's own, unmergeable parts (bottleneck adapters, gated LoRA) in every
+decoder layer, hung on the model as its submodule ``edgepeft_adapters`` (so a distributed wrapper and the
+optimizer see the parameters) and run by forward hooks on the model's own modules.
+
+A set is defined by a JSON-able spec, saved beside the weights::
+
+    {"method": "adapter" | "lora", "layers": L, "hidden_size": H,
+     "bottleneck": {"size", "placement", "mode", "gated", "scale"}       (bottleneck adapters; optional)
+     "lora": {"r", "alpha", "dropout", "targets", "gated": true}}         (gated LoRA; optional)
+
+Its state dict reads ``layers.<i>.<attn|mlp>.<down|up|gate>.weight`` (bottleneck) and
+``layers.<i>.<target>.<A|B|gate>.weight`` (gated LoRA), plus each gate's ``gate_bias``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from edgepeft.adapters.bottleneck import Bottleneck, bottleneck_hook
+from edgepeft.adapters.lora import ATTENTION, GatedLoRA, lora_hook, target_shape
+
+
+class AdapterSet(nn.Module):
+    def __init__(self, spec: dict, config):
+        super().__init__()
+        self.spec = dict(spec)
+        self.enabled = True
+        b, lo = spec.get("bottleneck"), spec.get("lora")
+        layers = []
+        for _ in range(spec["layers"]):
+            parts = {}
+            if b:
+                parts.update({p: Bottleneck(spec["hidden_size"], b["size"], b["gated"], b["scale"])
+                              for p in b["placement"]})
+            if lo:
+                parts.update({t: GatedLoRA(*target_shape(config, t), lo["r"], lo["alpha"], lo["dropout"])
+                              for t in lo["targets"]})
+            layers.append(nn.ModuleDict(parts))
+        self.layers = nn.ModuleList(layers)
+
+    def attach(self, model) -> None:
+        layers = decoder_layers(model)
+        if len(layers) != len(self.layers):
+            raise ValueError(f"adapter has {len(self.layers)} layers, the model {len(layers)}")
+        b = self.spec.get("bottleneck") or {}
+        parallel = b.get("mode") == "parallel"
+        on = lambda: self.enabled  # noqa: E731
+        for block, layer in zip(self.layers, layers, strict=True):
+            for name, part in block.items():
+                if isinstance(part, Bottleneck):
+                    module = layer.self_attn if name == "attn" else layer.mlp
+                    module.register_forward_hook(bottleneck_hook(part, parallel, on), with_kwargs=True)
+                else:
+                    module = getattr(layer.self_attn if name in ATTENTION else layer.mlp, name)
+                    module.register_forward_hook(lora_hook(part, on))
+
+
+def decoder_layers(model):
+    """The decoder layers of a causal LM (Llama, Mistral, Qwen2 layout: ``model.model.layers``)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers: edgepeft's adapters need a decoder "
+                         "with self_attn and mlp in each layer")
+    return layers
+
+
+def spec_for(model, cfg) -> dict:
+    """The set the recipe's [adapter] table asks for, on ``model``'s width and depth."""
+    from edgepeft.adapters.lora import DEFAULT_TARGETS, TARGETS
+
+    c = model.config
+    spec = {"method": cfg.method, "layers": c.num_hidden_layers, "hidden_size": c.hidden_size}
+    if cfg.method == "adapter":
+        spec["bottleneck"] = {"size": cfg.bottleneck, "placement": list(cfg.placement), "mode": cfg.mode,
+                              "gated": cfg.gated, "scale": cfg.scale}
+    else:  # gated LoRA
+        spec["lora"] = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "gated": True,
+                        "targets": list(TARGETS if cfg.target_modules == "all-linear"
+                                        else cfg.target_modules or DEFAULT_TARGETS)}
+    return spec
