@@ -23,6 +23,10 @@ SPECS = {
     "gated-lora-all-and-serial-attn": {
         "bottleneck": {"size": 32, "mode": "serial", "placement": ["attn"], "gated": True, "scale": 1.0},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "gated": True, "targets": ALL}},
+    "prefix": {"prefix": {"tokens": 5, "hidden": 0}},
+    "prefix-and-parallel-adapter": {
+        "prefix": {"tokens": 3, "hidden": 0},
+        "bottleneck": {"size": 32, "mode": "parallel", "placement": ["attn", "mlp"], "gated": False, "scale": 1.0}},
 }
 # the tiny model: width 64, MLP 128, q 64, k and v 32 each
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 128),
@@ -30,7 +34,18 @@ SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": 
 
 
 def _expected(spec: dict) -> dict:
-    """Per layer: trainable parameters, nodes export adds, MatMuls the int4 graph gains."""
+    """For the 2-layer tiny model: trainable parameters, nodes export adds, MatMuls the int4 graph gains."""
+    out = {k: 2 * v for k, v in _per_layer(spec).items()}
+    px = spec.get("prefix")
+    if px:
+        kv = 2 * 2 * 2 * 16  # layers x (k, v) x kv heads x head dim, per prefix position
+        out["trainable"] += px["tokens"] * kv if not px["hidden"] else (
+            px["tokens"] * 64 + 64 * px["hidden"] + px["hidden"] + px["hidden"] * kv + kv)
+        out["nodes"] += 10 + 4 * 2  # the first-forward test and shifted lengths, then rows in and out per layer
+    return out
+
+
+def _per_layer(spec: dict) -> dict:
     b, lo = spec.get("bottleneck"), spec.get("lora")
     out = {"trainable": 0, "nodes": 0, "matmuls": 0}
     if b:
@@ -111,14 +126,14 @@ def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path,
     build_onnx(merged_dir, out, "fp32", cache_dir=tmp_path / "cache")
     without = Decoder(out / "model.onnx").prefill(ids)[0]
     added = _add_unmerged(merged_dir, out)
-    assert added == 2 * _expected(SPECS[name])["nodes"]
+    assert added == _expected(SPECS[name])["nodes"]
     decoder = Decoder(out / "model.onnx")
     assert np.abs(decoder.prefill(ids)[0] - reference).max() < 1e-4
     assert np.abs(decode_logits(decoder, ids, 30) - reference[30:]).max() < 1e-4
     assert np.abs(without - reference).max() > 0.05
 
 
-@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated", "lora-gated"])
+@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated", "lora-gated", "prefix"])
 def adapter_run(request, tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp(request.param)
     recipe = write_recipe(root / "tiny.toml", tiny_model_dir, method=request.param)
@@ -133,14 +148,19 @@ def test_adapter_pipeline_builds_a_verified_bundle(adapter_run):
 
     recs, out = adapter_run["records"], adapter_run["out"]
     spec = json.loads((out / "train" / "adapter" / adapters.CONFIG).read_text())
-    expected = _expected(spec)
-    assert recs["train"]["figures"]["trainable_parameters"] == 2 * expected["trainable"]
+    trained = spec
+    if spec.get("prefix"):  # trained through its MLP (prefix_hidden = 32), saved as the keys and values it made
+        assert spec["prefix"]["hidden"] == 0
+        trained = {**spec, "prefix": {**spec["prefix"], "hidden": 32}}
+    expected = _expected(trained)
+    assert recs["train"]["figures"]["trainable_parameters"] == expected["trainable"]
+    assert recs["export"]["figures"]["adapter_nodes"] == expected["nodes"]
     assert recs["merge"]["figures"]["unmerged"] == spec
     assert recs["merge"]["figures"]["max_logit_diff"] < 1e-3
-    assert recs["export"]["figures"]["adapter_nodes"] == 2 * expected["nodes"]
+    assert recs["export"]["figures"]["adapter_nodes"] == expected["nodes"]
     assert recs["export"]["figures"]["max_logit_diff"] < 1e-3
     # every adapter MatMul is int4 in the shipped graph: 2 layers x 5 projections, the head, the adapters
-    assert recs["requantize"]["figures"]["matmulnbits"] == 2 * 5 + 1 + 2 * expected["matmuls"]
+    assert recs["requantize"]["figures"]["matmulnbits"] == 2 * 5 + 1 + expected["matmuls"]
     assert recs["heal"]["figures"]["mirror_vs_ort_max_logit_diff"] < 1e-3
     assert recs["evaluate"]["figures"]["passed"]
     problems, sample = verify(adapter_run["bundle"])
@@ -266,3 +286,38 @@ def test_compare_methods_bad_input_before_any_run(tmp_path, tiny_model_dir, body
         compare_methods(tmp_path / "m.toml", tmp_path / "out", STAGES, only, echo=lambda s: None)
     assert words in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_bundle_answers_as_the_graph_decodes(adapter_run):
+    """onnxruntime-genai runs every adapter bundle unchanged: its greedy answer is the raw graph's. A prefix bundle
+    says how many cache positions its prefix takes, its context is shorter by them, and a generator that does not
+    reserve them fails loudly rather than computing something else."""
+    from edgepeft.bundle.manifest import read_manifest
+    from edgepeft.bundle.runner import Runner
+    from edgepeft.onnx.decoder import Decoder, context_length
+
+    b = adapter_run["bundle"]
+    manifest = read_manifest(b)
+    runner = Runner(b)
+    ids = runner.prompt_ids([("user", "call mom")])
+    answer = runner.generate(ids, max_new_tokens=6)
+    dec = Decoder(b / "model.ort")
+    logits, cache = dec.prefill(ids)
+    tokens, total = [int(logits[-1].argmax())], len(ids)
+    for _ in range(5):
+        total += 1
+        logits, cache = dec.step(tokens[-1], cache, total)
+        tokens.append(int(logits.argmax()))
+    assert answer.tokens == 6 and answer.text == runner.tokenizer.decode(tokens)
+    reserve = manifest.get("kv_cache_reserve_tokens", 0)
+    assert (reserve > 0) == (adapter_run["method"] == "prefix")
+    assert context_length(b / "genai_config.json") == 512 - reserve  # the tiny model's 512 positions
+    if reserve:
+        assert reserve == 4 and cache[next(iter(cache))].shape[2] == total + reserve
+        params = runner.og.GeneratorParams(runner.model)
+        params.set_search_options(max_length=len(ids) + 6, do_sample=False)  # no room for the prefix
+        gen = runner.og.Generator(runner.model, params)
+        with pytest.raises(Exception, match="present"):
+            gen.append_tokens(ids)
+            while not gen.is_done():
+                gen.generate_next_token()

@@ -1,13 +1,14 @@
 """Adapters: one interface over the methods the train stage can fit on the frozen 4-bit base.
 
 ``lora`` and ``ia3`` are HF peft's (saved as peft saves them: ``adapter_config.json``); ``adapter``
-(bottleneck adapters, ``edgepeft.adapters.bottleneck``) and gated LoRA (``lora`` with ``gated = true``,
-``edgepeft.adapters.lora``) are edgepeft's own (``edgepeft.adapters.model``; saved as ``edgepeft_adapter.json``
-+ ``edgepeft_adapter.safetensors``). The stages call only the functions here, so the training loop, the
-reference (4-bit base + adapter), the merge check, export and the quality gate work alike for every method.
+(bottleneck adapters, ``edgepeft.adapters.bottleneck``), gated LoRA (``lora`` with ``gated = true``,
+``edgepeft.adapters.lora``) and ``prefix`` (prefix tuning, ``edgepeft.adapters.prefix``) are edgepeft's own
+(``edgepeft.adapters.model``; saved as ``edgepeft_adapter.json`` + ``edgepeft_adapter.safetensors``). The
+stages call only the functions here, so the training loop, the reference (4-bit base + adapter), the merge
+check, export and the quality gate work alike for every method.
 
 What can be merged is merged (LoRA, IA3: into the dequantized base's weights); what cannot (bottleneck adapters,
-gated LoRA) is kept beside the merged model, in the merge folder's ``unmerged/``, and becomes part of the
+gated LoRA, prefixes) is kept beside the merged model, in the merge folder's ``unmerged/``, and becomes part of the
 exported graph.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK_QUANTUM = 32  # gated LoRA's rank is padded to a multiple of this in the graph (int4 block sizes divide it)
 PEFT_METHODS = ("lora", "ia3")
-OWN_METHODS = ("adapter",)
+OWN_METHODS = ("adapter", "prefix")
 METHODS = PEFT_METHODS + OWN_METHODS
 CONFIG = "edgepeft_adapter.json"
 WEIGHTS = "edgepeft_adapter.safetensors"
@@ -115,8 +116,9 @@ def save(model, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state(model), str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps(own.spec, indent=1) + "\n")
+    spec, tensors = own.saved()
+    save_file(tensors, str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps(spec, indent=1) + "\n")
 
 
 def spec_of(adir: Path) -> dict | None:
@@ -175,6 +177,16 @@ def merge_into(base, adir: Path, out: Path):
 def unmerged_spec(merged_dir: Path) -> dict | None:
     """The definition of the merge folder's unmerged parts, or None when everything was merged."""
     return spec_of(merged_dir / UNMERGED)
+
+
+def unmerged_prefix(merged_dir: Path):
+    """The unmerged prefix's keys and values (a torch tensor), or None."""
+    spec = unmerged_spec(merged_dir)
+    if not spec or not spec.get("prefix"):
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(merged_dir / UNMERGED / WEIGHTS))["prefix.kv"]
 
 
 def load_merged(merged_dir: Path):

@@ -1,15 +1,17 @@
-"""The adapter set of a whole model: edgepeft's own, unmergeable parts (bottleneck adapters, gated LoRA) in every
-decoder layer, hung on the model as its submodule ``edgepeft_adapters`` (so a distributed wrapper and the
-optimizer see the parameters) and run by forward hooks on the model's own modules.
+"""The adapter set of a whole model: edgepeft's own, unmergeable parts (bottleneck adapters, gated LoRA in every
+decoder layer, a prefix ahead of them all), hung on the model as its submodule ``edgepeft_adapters`` (so a
+distributed wrapper and the optimizer see the parameters) and run by forward hooks on the model's own modules.
 
 A set is defined by a JSON-able spec, saved beside the weights::
 
     {"method": "adapter" | "lora", "layers": L, "hidden_size": H,
      "bottleneck": {"size", "placement", "mode", "gated", "scale"}       (bottleneck adapters; optional)
-     "lora": {"r", "alpha", "dropout", "targets", "gated": true}}         (gated LoRA; optional)
+     "lora": {"r", "alpha", "dropout", "targets", "gated": true}          (gated LoRA; optional)
+     "prefix": {"tokens", "hidden"}}                                     (prefix tuning; optional)
 
 Its state dict reads ``layers.<i>.<attn|mlp>.<down|up|gate>.weight`` (bottleneck) and
-``layers.<i>.<target>.<A|B|gate>.weight`` (gated LoRA), plus each gate's ``gate_bias``.
+``layers.<i>.<target>.<A|B|gate>.weight`` (gated LoRA), plus each gate's ``gate_bias``, and ``prefix.kv``
+(or, while the prefix is reparametrized, ``prefix.embedding`` and ``prefix.mlp.*``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from torch import nn
 
 from edgepeft.adapters.bottleneck import Bottleneck, bottleneck_hook
 from edgepeft.adapters.lora import ATTENTION, GatedLoRA, lora_hook, target_shape
+from edgepeft.adapters.prefix import Prefix, prefix_pre_hook
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class AdapterSet(nn.Module):
@@ -37,6 +44,18 @@ class AdapterSet(nn.Module):
                               for t in lo["targets"]})
             layers.append(nn.ModuleDict(parts))
         self.layers = nn.ModuleList(layers)
+        px = spec.get("prefix")
+        self.prefix = Prefix(spec["layers"], config.num_key_value_heads, head_dim(config), px["tokens"], px["hidden"],
+                             spec["hidden_size"]) if px else None
+
+    def saved(self) -> tuple[dict, dict]:
+        """(spec, tensors) to save: a reparametrized prefix as the keys and values it computes."""
+        spec, tensors = dict(self.spec), {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if self.prefix is not None and self.prefix.kv is None:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("prefix.")}
+            tensors["prefix.kv"] = self.prefix.values().detach().cpu().contiguous()
+            spec["prefix"] = {**spec["prefix"], "hidden": 0}
+        return spec, tensors
 
     def attach(self, model) -> None:
         layers = decoder_layers(model)
@@ -53,6 +72,8 @@ class AdapterSet(nn.Module):
                 else:
                     module = getattr(layer.self_attn if name in ATTENTION else layer.mlp, name)
                     module.register_forward_hook(lora_hook(part, on))
+        if self.prefix is not None:
+            model.register_forward_pre_hook(prefix_pre_hook(self.prefix, on), with_kwargs=True)
 
 
 def decoder_layers(model):
@@ -74,6 +95,8 @@ def spec_for(model, cfg) -> dict:
     if cfg.method == "adapter":
         spec["bottleneck"] = {"size": cfg.bottleneck, "placement": list(cfg.placement), "mode": cfg.mode,
                               "gated": cfg.gated, "scale": cfg.scale}
+    elif cfg.method == "prefix":
+        spec["prefix"] = {"tokens": cfg.prefix_tokens, "hidden": cfg.prefix_hidden}
     else:  # gated LoRA
         spec["lora"] = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "gated": True,
                         "targets": list(TARGETS if cfg.target_modules == "all-linear"

@@ -79,13 +79,15 @@ class Runner:
                                 "answer together)")
         if context:
             max_new_tokens = min(max_new_tokens, context - len(ids))  # a huge request stops at the context's end
+        # a prefix in the graph takes cache positions the generator does not count (manifest's reserve)
+        reserve = int(self.manifest.get("kv_cache_reserve_tokens", 0))
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        params.set_search_options(max_length=len(ids) + max_new_tokens + reserve, do_sample=False)
         gen = self.og.Generator(self.model, params)
         t0 = time.perf_counter()
         gen.append_tokens(ids)
         out = []
-        while not gen.is_done():
+        while not gen.is_done() and len(out) < max_new_tokens:
             gen.generate_next_token()
             out.append(int(gen.get_next_tokens()[0]))
         seconds = time.perf_counter() - t0

@@ -34,9 +34,10 @@ class QuantizeConfig:
 
 @dataclass
 class AdapterConfig:
-    # lora, ia3 (HF peft; merged into the weights) or adapter (bottleneck adapters, edgepeft.adapters.bottleneck:
-    # extra MatMuls in the exported graph)
-    method: Literal["lora", "ia3", "adapter"] = "lora"
+    # lora, ia3 (HF peft; merged into the weights), adapter (bottleneck adapters, edgepeft.adapters.bottleneck:
+    # extra MatMuls in the exported graph) or prefix (prefix tuning, edgepeft.adapters.prefix: keys and values
+    # ahead of the cache, in the graph)
+    method: Literal["lora", "ia3", "adapter", "prefix"] = "lora"
     # LoRA
     r: int = 16
     alpha: int = 32
@@ -57,6 +58,10 @@ class AdapterConfig:
     placement: list[Literal["attn", "mlp"]] = field(default_factory=lambda: ["mlp"])
     mode: Literal["serial", "parallel"] = "serial"
     scale: float = 1.0
+    # Prefix tuning: how many key/value positions each layer gets, and the width of the MLP that reparametrizes
+    # them while training (0: train the keys and values directly). The bundle's context is shorter by the prefix.
+    prefix_tokens: int = 16
+    prefix_hidden: int = 512
 
     def check(self) -> str | None:
         if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
@@ -67,8 +72,13 @@ class AdapterConfig:
             return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
         if self.feedforward_modules and self.method != "ia3":
             return "feedforward_modules applies to IA3 only"
-        if self.gated and self.method == "ia3":
-            return "gated applies to LoRA and bottleneck adapters, not IA3"
+        if self.gated and self.method in ("ia3", "prefix"):
+            return f"gated applies to LoRA and bottleneck adapters, not {self.method}"
+        if self.method == "prefix":
+            if self.target_modules is not None:
+                return "target_modules applies to LoRA and IA3; a prefix goes ahead of every layer"
+            if self.prefix_tokens <= 0 or self.prefix_hidden < 0:
+                return "prefix_tokens must be positive and prefix_hidden not negative"
         if self.gated and self.method == "lora" and isinstance(self.target_modules, list):
             from edgepeft.adapters import LORA_TARGETS
 

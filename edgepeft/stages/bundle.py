@@ -33,6 +33,7 @@ from edgepeft.core.config import as_dict
 from edgepeft.core.console import mb
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.latency.profile import Variant, headline, measure, write_report
+from edgepeft.onnx.adapters import prefix_tokens_of
 from edgepeft.onnx.ortformat import to_ort
 from edgepeft.pipeline.layout import bundle_in
 from edgepeft.pipeline.stage import Stage, StageContext, record_intact, user_files
@@ -93,6 +94,13 @@ def run(ctx: StageContext) -> None:
     }
     if ready is not None:
         manifest["readiness"] = readiness.summary(ready)
+    reserve = prefix_tokens_of(src / "model.onnx")
+    if reserve:  # what an app must know to run the bundle (onnxruntime-genai sizes the KV cache by max_length)
+        manifest["kv_cache_reserve_tokens"] = reserve
+        manifest["kv_cache_reserve_why"] = (
+            f"a prefix of {reserve} positions sits in the KV cache ahead of the prompt: set the generator's "
+            f"max_length to prompt + answer + {reserve} and stop after the answer's tokens (the context in "
+            "genai_config.json is already shorter by the prefix)")
 
     variants = [Variant(f"bundle ({target.weights}, {model_file})", out / model_file, out / "genai_config.json")]
     if recipe.profile.compare_fp32:

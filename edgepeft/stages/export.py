@@ -18,7 +18,7 @@ import numpy as np
 from edgepeft import adapters
 from edgepeft.calib.sets import check_windows
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.onnx.adapters import insert_unmerged
+from edgepeft.onnx.adapters import insert_unmerged, shorten_context
 from edgepeft.onnx.builder import EXPORTER, MODEL, build_onnx, opset_of, save_graph
 from edgepeft.onnx.decoder import Decoder, decode_logits
 from edgepeft.pipeline.stage import Stage, StageContext, user_files
@@ -81,6 +81,8 @@ def _add_unmerged(merged_dir, out) -> int:
     graph = onnx.load(str(out / MODEL))
     added = insert_unmerged(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)),
                             AutoConfig.from_pretrained(merged_dir))
+    if spec.get("prefix"):
+        shorten_context(out / "genai_config.json", spec["prefix"]["tokens"])
     for f in out.glob(f"{MODEL}*"):
         f.unlink()
     save_graph(graph, out)

@@ -120,7 +120,9 @@ def run(ctx: StageContext) -> None:
 
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
     scheme = kernels.activation_rounding
-    mirror = Mirror(graph, config, scheme, kernels.bf16_scales, adapters.unmerged_spec(ctx.artifact("merge")))
+    merged = ctx.artifact("merge")
+    mirror = Mirror(graph, config, scheme, kernels.bf16_scales, adapters.unmerged_spec(merged),
+                    adapters.unmerged_prefix(merged))
     fit = Distiller(mirror, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.norms)
     saved = resume_checkpoint(ctx.work, ctx.fingerprint, ctx.options.get("resume"), WEIGHTS, cfg.steps)
     start = fit.load(saved) if saved is not None else 0
