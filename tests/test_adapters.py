@@ -27,6 +27,9 @@ SPECS = {
     "prefix-and-parallel-adapter": {
         "prefix": {"tokens": 3, "hidden": 0},
         "bottleneck": {"size": 32, "mode": "parallel", "placement": ["attn", "mlp"], "gated": False, "scale": 1.0}},
+    "prompt": {"prompt": {"tokens": 5}},
+    "prompt-and-gated-lora": {"prompt": {"tokens": 3},
+                              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "gated": True, "targets": ["q_proj"]}},
 }
 # the tiny model: width 64, MLP 128, q 64, k and v 32 each
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 128),
@@ -42,6 +45,9 @@ def _expected(spec: dict) -> dict:
         out["trainable"] += px["tokens"] * kv if not px["hidden"] else (
             px["tokens"] * 64 + 64 * px["hidden"] + px["hidden"] + px["hidden"] * kv + kv)
         out["nodes"] += 10 + 4 * 2  # the first-forward test and shifted lengths, then rows in and out per layer
+    if spec.get("prompt"):
+        out["trainable"] += spec["prompt"]["tokens"] * 64
+        out["nodes"] += 10 + 3 + 1  # the same, then rows ahead of the embeddings and dropped before the head
     return out
 
 
@@ -133,7 +139,7 @@ def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path,
     assert np.abs(without - reference).max() > 0.05
 
 
-@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated", "lora-gated", "prefix"])
+@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated", "lora-gated", "prefix", "prompt"])
 def adapter_run(request, tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp(request.param)
     recipe = write_recipe(root / "tiny.toml", tiny_model_dir, method=request.param)
@@ -310,7 +316,7 @@ def test_adapter_bundle_answers_as_the_graph_decodes(adapter_run):
         tokens.append(int(logits.argmax()))
     assert answer.tokens == 6 and answer.text == runner.tokenizer.decode(tokens)
     reserve = manifest.get("kv_cache_reserve_tokens", 0)
-    assert (reserve > 0) == (adapter_run["method"] == "prefix")
+    assert (reserve > 0) == (adapter_run["method"] in ("prefix", "prompt"))
     assert context_length(b / "genai_config.json") == 512 - reserve  # the tiny model's 512 positions
     if reserve:
         assert reserve == 4 and cache[next(iter(cache))].shape[2] == total + reserve
@@ -321,3 +327,12 @@ def test_adapter_bundle_answers_as_the_graph_decodes(adapter_run):
             gen.append_tokens(ids)
             while not gen.is_done():
                 gen.generate_next_token()
+
+
+def test_compare_methods_cli_bad_file_is_one_line(tmp_path):
+    from tests.test_cli import edgepeft
+
+    r = edgepeft("compare-methods", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out"))
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "missing.toml" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()

@@ -2,14 +2,15 @@
 
 ``lora`` and ``ia3`` are HF peft's (saved as peft saves them: ``adapter_config.json``); ``adapter``
 (bottleneck adapters, ``edgepeft.adapters.bottleneck``), gated LoRA (``lora`` with ``gated = true``,
-``edgepeft.adapters.lora``) and ``prefix`` (prefix tuning, ``edgepeft.adapters.prefix``) are edgepeft's own
+``edgepeft.adapters.lora``), ``prefix`` (prefix tuning, ``edgepeft.adapters.prefix``) and ``prompt`` (prompt
+tuning, ``edgepeft.adapters.prompt``) are edgepeft's own
 (``edgepeft.adapters.model``; saved as ``edgepeft_adapter.json`` + ``edgepeft_adapter.safetensors``). The
 stages call only the functions here, so the training loop, the reference (4-bit base + adapter), the merge
 check, export and the quality gate work alike for every method.
 
 What can be merged is merged (LoRA, IA3: into the dequantized base's weights); what cannot (bottleneck adapters,
-gated LoRA, prefixes) is kept beside the merged model, in the merge folder's ``unmerged/``, and becomes part of the
-exported graph.
+gated LoRA, prefixes, soft prompts) is kept beside the merged model, in the merge folder's ``unmerged/``, and
+becomes part of the exported graph.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK_QUANTUM = 32  # gated LoRA's rank is padded to a multiple of this in the graph (int4 block sizes divide it)
 PEFT_METHODS = ("lora", "ia3")
-OWN_METHODS = ("adapter", "prefix")
+OWN_METHODS = ("adapter", "prefix", "prompt")
 METHODS = PEFT_METHODS + OWN_METHODS
 CONFIG = "edgepeft_adapter.json"
 WEIGHTS = "edgepeft_adapter.safetensors"
@@ -66,7 +67,11 @@ def wrap(model, adapter):
         return get_peft_model(model, peft_config(adapter))
     from edgepeft.adapters.model import spec_for
 
-    return attach_spec(model, spec_for(model, adapter))
+    model = attach_spec(model, spec_for(model, adapter))
+    prompt = getattr(model, ATTR).prompt
+    if prompt is not None:
+        prompt.init_from_vocabulary(model.get_input_embeddings().weight)
+    return model
 
 
 def attach_spec(model, spec: dict, hooks: bool = True):
@@ -179,14 +184,13 @@ def unmerged_spec(merged_dir: Path) -> dict | None:
     return spec_of(merged_dir / UNMERGED)
 
 
-def unmerged_prefix(merged_dir: Path):
-    """The unmerged prefix's keys and values (a torch tensor), or None."""
-    spec = unmerged_spec(merged_dir)
-    if not spec or not spec.get("prefix"):
+def unmerged_tensors(merged_dir: Path) -> dict | None:
+    """The unmerged parts' tensors (torch), or None when everything was merged."""
+    if unmerged_spec(merged_dir) is None:
         return None
     from safetensors.torch import load_file
 
-    return load_file(str(merged_dir / UNMERGED / WEIGHTS))["prefix.kv"]
+    return load_file(str(merged_dir / UNMERGED / WEIGHTS))
 
 
 def load_merged(merged_dir: Path):

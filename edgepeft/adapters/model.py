@@ -7,11 +7,12 @@ A set is defined by a JSON-able spec, saved beside the weights::
     {"method": "adapter" | "lora", "layers": L, "hidden_size": H,
      "bottleneck": {"size", "placement", "mode", "gated", "scale"}       (bottleneck adapters; optional)
      "lora": {"r", "alpha", "dropout", "targets", "gated": true}          (gated LoRA; optional)
-     "prefix": {"tokens", "hidden"}}                                     (prefix tuning; optional)
+     "prefix": {"tokens", "hidden"}                                      (prefix tuning; optional)
+     "prompt": {"tokens"}}                                               (prompt tuning; optional)
 
 Its state dict reads ``layers.<i>.<attn|mlp>.<down|up|gate>.weight`` (bottleneck) and
 ``layers.<i>.<target>.<A|B|gate>.weight`` (gated LoRA), plus each gate's ``gate_bias``, and ``prefix.kv``
-(or, while the prefix is reparametrized, ``prefix.embedding`` and ``prefix.mlp.*``).
+(or, while the prefix is reparametrized, ``prefix.embedding`` and ``prefix.mlp.*``), and ``prompt.embeddings``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from edgepeft.adapters.bottleneck import Bottleneck, bottleneck_hook
 from edgepeft.adapters.lora import ATTENTION, GatedLoRA, lora_hook, target_shape
 from edgepeft.adapters.prefix import Prefix, prefix_pre_hook
+from edgepeft.adapters.prompt import SoftPrompt, prompt_hooks
 
 
 def head_dim(config) -> int:
@@ -47,6 +49,10 @@ class AdapterSet(nn.Module):
         px = spec.get("prefix")
         self.prefix = Prefix(spec["layers"], config.num_key_value_heads, head_dim(config), px["tokens"], px["hidden"],
                              spec["hidden_size"]) if px else None
+        pt = spec.get("prompt")
+        self.prompt = SoftPrompt(pt["tokens"], spec["hidden_size"]) if pt else None
+        if px and pt:
+            raise ValueError("a prefix and a soft prompt in one set: choose one")
 
     def saved(self) -> tuple[dict, dict]:
         """(spec, tensors) to save: a reparametrized prefix as the keys and values it computes."""
@@ -74,6 +80,10 @@ class AdapterSet(nn.Module):
                     module.register_forward_hook(lora_hook(part, on))
         if self.prefix is not None:
             model.register_forward_pre_hook(prefix_pre_hook(self.prefix, on), with_kwargs=True)
+        if self.prompt is not None:
+            pre, post = prompt_hooks(self.prompt, on)
+            model.register_forward_pre_hook(pre, with_kwargs=True)
+            model.register_forward_hook(post, with_kwargs=True)
 
 
 def decoder_layers(model):
@@ -97,6 +107,8 @@ def spec_for(model, cfg) -> dict:
                               "gated": cfg.gated, "scale": cfg.scale}
     elif cfg.method == "prefix":
         spec["prefix"] = {"tokens": cfg.prefix_tokens, "hidden": cfg.prefix_hidden}
+    elif cfg.method == "prompt":
+        spec["prompt"] = {"tokens": cfg.prompt_tokens}
     else:  # gated LoRA
         spec["lora"] = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "gated": True,
                         "targets": list(TARGETS if cfg.target_modules == "all-linear"

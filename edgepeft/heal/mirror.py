@@ -172,7 +172,7 @@ class Mirror:
     norm weights into the graph's initializers."""
 
     def __init__(self, graph: GraphWeights, config, activations: str | None, bf16_scales: bool = False,
-                 unmerged: dict | None = None, prefix=None):
+                 unmerged: dict | None = None, tensors: dict | None = None):
         from transformers import AutoModelForCausalLM
 
         from edgepeft import adapters
@@ -227,9 +227,11 @@ class Mirror:
         aset = getattr(model, adapters.ATTR, None)
         if aset is not None:
             aset.attach(model)
-            if aset.prefix is not None:  # constant rows of the graph, the trained values
-                with torch.no_grad():
-                    aset.prefix.kv.copy_(prefix)
+            with torch.no_grad():  # constant rows of the graph: the trained values
+                if aset.prefix is not None:
+                    aset.prefix.kv.copy_(tensors["prefix.kv"])
+                if aset.prompt is not None:
+                    aset.prompt.embeddings.copy_(tensors["prompt.embeddings"])
         for i, block in enumerate(aset.layers if aset is not None else ()):
             for name, part in block.items():
                 if part.gate is not None:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgepeft.adapters import unmerged_spec
 from edgepeft.bundle.manifest import read_manifest
 from edgepeft.latency import costmodel
 from edgepeft.onnx.builder import build_onnx
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     bundle = bundles[0]
     manifest = read_manifest(bundle)
     threads = manifest["target"]["threads"]
+    if unmerged_spec(merged) is not None:  # the builder and PyTorch rows read the merged folder's weights only
+        method = manifest["recipe"]["adapter"]["method"]
+        print(f"edgepeft bench: warning: {args.run_dir}'s adapter ({method}) is not merged; the reference rows are "
+              "the base model without it, the bundle has it", file=sys.stderr)
     builder_dir = run.scratch("bench") / "builder-int4"
     if not (builder_dir / "model.onnx").is_file():
         print("building the reference: onnxruntime-genai model builder, int4, CPU ...", flush=True)

@@ -2,7 +2,8 @@
 has it (``edgepeft.adapters.model``): bottleneck adapters as extra MatMuls with their Relu, gated LoRA as a side
 branch ``x A B`` beside its target's MatMul; every gate a per-token MatMul + Add + Sigmoid + Mul. The extra
 MatMuls are quantized with the others by requantize and fitted with them by heal. A prefix becomes constant
-rows ahead of the first prompt's keys and values (``insert_prefix``).
+rows ahead of the first prompt's keys and values (``insert_prefix``), a soft prompt constant rows ahead of its
+token embeddings (``insert_prompt``).
 
 The builder's graph names each layer's projections ``/model/layers.{i}/attn/{qkv_proj|q_proj|o_proj}/MatMul``
 and ``/model/layers.{i}/mlp/{gate_proj|down_proj}/MatMul``. A sublayer's input is the input of its first
@@ -39,6 +40,8 @@ def insert_unmerged(model, spec: dict, tensors: dict[str, np.ndarray], config) -
         added += insert_lora(model, spec["layers"], spec["lora"], tensors, config)
     if spec.get("prefix"):
         added += insert_prefix(model, tensors["prefix.kv"])
+    if spec.get("prompt"):
+        added += insert_prompt(model, tensors["prompt.embeddings"])
     return added
 
 
@@ -170,86 +173,144 @@ def insert_bottlenecks(model, layers: int, spec: dict, tensors: dict[str, np.nda
     return added
 
 
-PREFIX = "/model/prefix"
+PREFIX, PROMPT = "/model/prefix", "/model/prompt"
+
+
+class _Ahead:
+    """What a prefix and a soft prompt share in the graph: ``tokens`` positions ahead of the sequence, put in on the
+    first forward of a sequence (total length = input length; onnxruntime-genai 0.15 cannot seed the KV cache) and
+    counted in every ``GroupQueryAttention``'s ``seqlens_k`` and ``total_sequence_length`` from then on. The cache
+    then holds ``tokens`` more positions than the generator counts: the bundle's context is shorter by ``tokens``
+    (``shorten_context``) and its manifest says how many to reserve."""
+
+    def __init__(self, model, tokens: int, width: int, space: str):
+        from onnx import TensorProto, helper
+
+        self.g, self.space, self.helper = model.graph, space, helper
+        g = self.g
+        self.gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+        if not self.gqa or any(n.input[1] or n.input[2] for n in self.gqa):
+            raise EdgepeftError("[export] positions ahead of the sequence need GroupQueryAttention over packed q/k/v")
+        seqlens, total = self.gqa[0].input[5], self.gqa[0].input[6]
+        t = self.t = f"{space}/"
+        nodes = [
+            helper.make_node("Add", [seqlens, self.const("tokens_i32", np.array([tokens], np.int32))],
+                             [t + "seqlens_k"], name=t + "seqlens_k/Add"),
+            helper.make_node("Add", [total, self.const("tokens_i32_scalar", np.array(tokens, np.int32))],
+                             [t + "total"], name=t + "total/Add"),
+            helper.make_node("Shape", ["input_ids"], [t + "batch"], start=0, end=1, name=t + "batch/Shape"),
+            helper.make_node("Shape", ["input_ids"], [t + "length"], start=1, end=2, name=t + "length/Shape"),
+            helper.make_node("Cast", [total], [t + "total_i64"], to=TensorProto.INT64, name=t + "total/Cast"),
+            helper.make_node("Reshape", [t + "total_i64", self.const("one", np.array([1], np.int64))],
+                             [t + "total_1"], name=t + "total/Reshape"),
+            helper.make_node("Equal", [t + "total_1", t + "length"], [t + "first"], name=t + "first/Equal"),
+            helper.make_node("Cast", [t + "first"], [t + "first_i64"], to=TensorProto.INT64, name=t + "first/Cast"),
+            helper.make_node("Mul", [t + "first_i64", self.const("tokens", np.array([tokens], np.int64))],
+                             [t + "rows"], name=t + "rows/Mul"),
+            helper.make_node("Concat", [t + "batch", t + "rows", self.const("width", np.array([width], np.int64))],
+                             [t + "rows_shape"], axis=0, name=t + "rows_shape/Concat"),
+        ]
+        at = max(k for k, n in enumerate(g.node) if seqlens in n.output or total in n.output) + 1
+        for n in reversed(nodes):
+            g.node.insert(at, n)
+        self.added = len(nodes)
+        self.zero = self.const("zero", np.array([0], np.int64))
+        self.end = self.const("end", np.array([np.iinfo(np.int64).max], np.int64))
+        self.axis1 = self.const("axis1", np.array([1], np.int64))
+        for node in self.gqa:
+            node.input[5], node.input[6] = t + "seqlens_k", t + "total"
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.g.initializer.append(numpy_helper.from_array(arr, f"{self.space}/{name}"))
+        return f"{self.space}/{name}"
+
+    def rows_before(self, x: str, rows: np.ndarray, name: str) -> tuple[list, str]:
+        """Nodes putting constant ``rows`` [tokens, width] ahead of ``x`` [batch, n, width] on the first forward."""
+        h, p = self.helper, f"{self.space}/{name}/"
+        nodes = [
+            h.make_node("Slice", [self.const(f"{name}.rows", rows[None].astype(np.float32)), self.zero, self.t + "rows",
+                                  self.axis1], [p + "rows"], name=p + "rows/Slice"),
+            h.make_node("Expand", [p + "rows", self.t + "rows_shape"], [p + "rows_b"], name=p + "rows/Expand"),
+            h.make_node("Concat", [p + "rows_b", x], [p + "out"], axis=1, name=p + "Concat"),
+        ]
+        return nodes, p + "out"
+
+    def drop_rows(self, x: str, out: str, name: str):
+        """A node dropping the rows ``rows_before`` added from ``x`` into ``out``."""
+        return self.helper.make_node("Slice", [x, self.t + "rows", self.end, self.axis1], [out],
+                                     name=f"{self.space}/{name}/drop/Slice")
 
 
 def insert_prefix(model, kv: np.ndarray) -> int:
-    """The prefix ``kv`` [layers, 2, kv_heads, tokens, head_dim] in the graph, so that onnxruntime-genai runs it
-    unchanged: the generator cannot seed the KV cache (0.15), so the first forward of a sequence (total length =
-    input length) puts ``tokens`` rows ahead of each layer's packed q/k/v: zero queries (their outputs are dropped),
-    the keys rotated back by their positions (``GroupQueryAttention`` rotates every new key; a cache holds the
-    prefix keys as they are) and the values. Every forward counts the prefix in ``seqlens_k`` and
-    ``total_sequence_length``, so the real tokens sit at positions ``tokens``, ``tokens + 1``, ... and attend to
-    the prefix through the cache afterwards. The cache then holds ``tokens`` more positions than the generator
-    counts: the bundle's context is shorter by ``tokens`` (the export stage writes that into genai_config.json)."""
-    from onnx import TensorProto, helper, numpy_helper
+    """The prefix ``kv`` [layers, 2, kv_heads, tokens, head_dim] in the graph (see ``_Ahead``): on the first forward,
+    ``tokens`` rows ahead of each layer's packed q/k/v: zero queries (their outputs are dropped), the keys rotated
+    back by their positions (``GroupQueryAttention`` rotates every new key; a cache holds the prefix keys as they
+    are) and the values; the real tokens sit at positions ``tokens``, ``tokens + 1``, ... and attend to the prefix
+    through the cache afterwards."""
+    from onnx import helper, numpy_helper
 
-    g = model.graph
     layers, _, kv_heads, tokens, dim = kv.shape
-    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
-    if len(gqa) != layers or any(n.input[1] or n.input[2] for n in gqa):
-        raise EdgepeftError(f"[export] a prefix needs {layers} GroupQueryAttention nodes over packed q/k/v; the graph "
-                            f"has {len(gqa)}")
-    attrs = {a.name: helper.get_attribute_value(a) for a in gqa[0].attribute}
-    inits = {i.name: i for i in g.initializer}
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in gqa[0].attribute} if gqa else {}
+    if len(gqa) != layers or attrs.get("kv_num_heads") != kv_heads:
+        raise EdgepeftError(f"[export] a prefix needs {layers} GroupQueryAttention nodes over {kv_heads} key/value "
+                            f"heads; the graph has {len(gqa)}")
+    inits = {i.name: i for i in model.graph.initializer}
     cos, sin = (numpy_helper.to_array(inits[gqa[0].input[k]])[:tokens] for k in (7, 8))
-    if attrs.get("rotary_interleaved", 0) or cos.shape[1] * 2 != dim or attrs.get("kv_num_heads") != kv_heads:
-        raise EdgepeftError("[export] a prefix needs full, non-interleaved rotary embeddings over "
-                            f"{kv_heads} key/value heads of {dim}")
+    if attrs.get("rotary_interleaved", 0) or cos.shape[1] * 2 != dim:
+        raise EdgepeftError(f"[export] a prefix needs full, non-interleaved rotary embeddings over heads of {dim}")
     heads = attrs["num_heads"]
 
     def unrotated(k):  # R(-p) k for each position p: what GroupQueryAttention's rotation turns back into k
         x1, x2 = k[..., :dim // 2], k[..., dim // 2:]
         return np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1)
 
-    def const(name, arr):
-        g.initializer.append(numpy_helper.from_array(arr, f"{PREFIX}/{name}"))
-        return f"{PREFIX}/{name}"
-
-    seqlens, total = gqa[0].input[5], gqa[0].input[6]
-    t = f"{PREFIX}/"
-    nodes = [
-        helper.make_node("Add", [seqlens, const("tokens_i32", np.array([tokens], np.int32))], [t + "seqlens_k"],
-                         name=t + "seqlens_k/Add"),
-        helper.make_node("Add", [total, const("tokens_i32_scalar", np.array(tokens, np.int32))], [t + "total"],
-                         name=t + "total/Add"),
-        helper.make_node("Shape", ["input_ids"], [t + "batch"], start=0, end=1, name=t + "batch/Shape"),
-        helper.make_node("Shape", ["input_ids"], [t + "length"], start=1, end=2, name=t + "length/Shape"),
-        helper.make_node("Cast", [total], [t + "total_i64"], to=TensorProto.INT64, name=t + "total/Cast"),
-        helper.make_node("Reshape", [t + "total_i64", const("one", np.array([1], np.int64))], [t + "total_1"],
-                         name=t + "total/Reshape"),
-        helper.make_node("Equal", [t + "total_1", t + "length"], [t + "first"], name=t + "first/Equal"),
-        helper.make_node("Cast", [t + "first"], [t + "first_i64"], to=TensorProto.INT64, name=t + "first/Cast"),
-        helper.make_node("Mul", [t + "first_i64", const("tokens", np.array([tokens], np.int64))], [t + "rows"],
-                         name=t + "rows/Mul"),
-    ]
-    width = (heads + 2 * kv_heads) * dim
-    nodes.append(helper.make_node("Concat", [t + "batch", t + "rows", const("width", np.array([width], np.int64))],
-                                  [t + "rows_shape"], axis=0, name=t + "rows_shape/Concat"))
-    at = max(k for k, n in enumerate(g.node) if seqlens in n.output or total in n.output) + 1
-    for n in reversed(nodes):
-        g.node.insert(at, n)
-    zero, end = const("zero", np.array([0], np.int64)), const("end", np.array([np.iinfo(np.int64).max], np.int64))
-    axis1 = const("axis1", np.array([1], np.int64))
+    ahead = _Ahead(model, tokens, (heads + 2 * kv_heads) * dim, PREFIX)
+    g = model.graph
     for i, node in enumerate(gqa):
         rows = np.concatenate([np.zeros((tokens, heads * dim), np.float32),
                                unrotated(kv[i, 0]).transpose(1, 0, 2).reshape(tokens, kv_heads * dim),
-                               kv[i, 1].transpose(1, 0, 2).reshape(tokens, kv_heads * dim)], -1)[None]
-        p = f"{PREFIX}/layers.{i}/"
-        before = [
-            helper.make_node("Slice", [const(f"layers.{i}.rows", rows.astype(np.float32)), zero, t + "rows", axis1],
-                             [p + "rows"], name=p + "rows/Slice"),
-            helper.make_node("Expand", [p + "rows", t + "rows_shape"], [p + "rows_b"], name=p + "rows/Expand"),
-            helper.make_node("Concat", [p + "rows_b", node.input[0]], [p + "qkv"], axis=1, name=p + "qkv/Concat"),
-        ]
+                               kv[i, 1].transpose(1, 0, 2).reshape(tokens, kv_heads * dim)], -1)
+        before, qkv = ahead.rows_before(node.input[0], rows, f"layers.{i}")
         out = node.output[0]
-        node.input[0], node.input[5], node.input[6], node.output[0] = p + "qkv", t + "seqlens_k", t + "total", p + "out"
-        after = helper.make_node("Slice", [p + "out", t + "rows", end, axis1], [out], name=p + "out/Slice")
+        node.input[0], node.output[0] = qkv, f"{PREFIX}/layers.{i}/attention"
         at = list(g.node).index(node)
-        g.node.insert(at + 1, after)
+        g.node.insert(at + 1, ahead.drop_rows(node.output[0], out, f"layers.{i}"))
         for n in reversed(before):
             g.node.insert(at, n)
-    return len(nodes) + 4 * layers
+    return ahead.added + 4 * layers
+
+
+def insert_prompt(model, embeddings: np.ndarray) -> int:
+    """The soft prompt ``embeddings`` [tokens, hidden] in the graph (see ``_Ahead``): on the first forward, its rows
+    go ahead of the token embeddings, every layer computes them like tokens, and their rows are dropped before the
+    output head."""
+    tokens, width = embeddings.shape
+    g = model.graph
+    embed = next((n for n in g.node if n.name == "/model/embed_tokens/Gather"), None)
+    head = next((n for n in g.node if n.name == "/lm_head/MatMul"), None)
+    if embed is None or head is None:
+        raise EdgepeftError("[export] a soft prompt needs the graph's /model/embed_tokens/Gather and /lm_head/MatMul")
+    ahead = _Ahead(model, tokens, width, PROMPT)
+    emb = embed.output[0]
+    before, rows = ahead.rows_before(emb, embeddings, "embeddings")
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name == emb:
+                node.input[k] = rows
+    at = list(g.node).index(embed) + 1
+    for n in reversed(before):
+        g.node.insert(at, n)
+    dropped = f"{PROMPT}/head_input"
+    at = list(g.node).index(head)
+    g.node.insert(at, ahead.drop_rows(head.input[0], dropped, "head_input"))
+    head.input[0] = dropped
+    # every tensor between the embeddings and the head now has sequence_length + rows positions: the exporter's
+    # shape annotations say sequence_length, and ONNX Runtime would plan its buffers by them
+    del g.value_info[:]
+    return ahead.added + len(before) + 1
 
 
 def shorten_context(genai_config, tokens: int) -> int:
@@ -273,5 +334,5 @@ def prefix_tokens_of(model_file) -> int:
     from onnx import numpy_helper
 
     model = onnx.load(str(model_file), load_external_data=False)
-    init = next((i for i in model.graph.initializer if i.name == f"{PREFIX}/tokens"), None)
+    init = next((i for i in model.graph.initializer if i.name in (f"{PREFIX}/tokens", f"{PROMPT}/tokens")), None)
     return int(numpy_helper.to_array(init)[0]) if init is not None else 0

@@ -36,8 +36,9 @@ class QuantizeConfig:
 class AdapterConfig:
     # lora, ia3 (HF peft; merged into the weights), adapter (bottleneck adapters, edgepeft.adapters.bottleneck:
     # extra MatMuls in the exported graph) or prefix (prefix tuning, edgepeft.adapters.prefix: keys and values
-    # ahead of the cache, in the graph)
-    method: Literal["lora", "ia3", "adapter", "prefix"] = "lora"
+    # ahead of the cache, in the graph) or prompt (prompt tuning, edgepeft.adapters.prompt: a soft prompt ahead of
+    # the tokens, in the graph)
+    method: Literal["lora", "ia3", "adapter", "prefix", "prompt"] = "lora"
     # LoRA
     r: int = 16
     alpha: int = 32
@@ -62,6 +63,9 @@ class AdapterConfig:
     # them while training (0: train the keys and values directly). The bundle's context is shorter by the prefix.
     prefix_tokens: int = 16
     prefix_hidden: int = 512
+    # Prompt tuning: how many virtual tokens (learned embeddings) go ahead of every sequence; the bundle's context
+    # is shorter by them.
+    prompt_tokens: int = 16
 
     def check(self) -> str | None:
         if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
@@ -72,13 +76,18 @@ class AdapterConfig:
             return "IA3 takes named target_modules (e.g. [\"k_proj\", \"v_proj\", \"down_proj\"]) or none"
         if self.feedforward_modules and self.method != "ia3":
             return "feedforward_modules applies to IA3 only"
-        if self.gated and self.method in ("ia3", "prefix"):
+        if self.gated and self.method in ("ia3", "prefix", "prompt"):
             return f"gated applies to LoRA and bottleneck adapters, not {self.method}"
         if self.method == "prefix":
             if self.target_modules is not None:
                 return "target_modules applies to LoRA and IA3; a prefix goes ahead of every layer"
             if self.prefix_tokens <= 0 or self.prefix_hidden < 0:
                 return "prefix_tokens must be positive and prefix_hidden not negative"
+        if self.method == "prompt":
+            if self.target_modules is not None:
+                return "target_modules applies to LoRA and IA3; a soft prompt goes ahead of the tokens"
+            if self.prompt_tokens <= 0:
+                return "prompt_tokens must be positive"
         if self.gated and self.method == "lora" and isinstance(self.target_modules, list):
             from edgepeft.adapters import LORA_TARGETS
 

@@ -98,9 +98,9 @@ def run(ctx: StageContext) -> None:
     if reserve:  # what an app must know to run the bundle (onnxruntime-genai sizes the KV cache by max_length)
         manifest["kv_cache_reserve_tokens"] = reserve
         manifest["kv_cache_reserve_why"] = (
-            f"a prefix of {reserve} positions sits in the KV cache ahead of the prompt: set the generator's "
-            f"max_length to prompt + answer + {reserve} and stop after the answer's tokens (the context in "
-            "genai_config.json is already shorter by the prefix)")
+            f"a prefix or soft prompt of {reserve} positions sits in the KV cache ahead of the prompt: set the "
+            f"generator's max_length to prompt + answer + {reserve} and stop after the answer's tokens (the context "
+            "in genai_config.json is already shorter by them)")
 
     variants = [Variant(f"bundle ({target.weights}, {model_file})", out / model_file, out / "genai_config.json")]
     if recipe.profile.compare_fp32:

@@ -81,8 +81,9 @@ def _add_unmerged(merged_dir, out) -> int:
     graph = onnx.load(str(out / MODEL))
     added = insert_unmerged(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)),
                             AutoConfig.from_pretrained(merged_dir))
-    if spec.get("prefix"):
-        shorten_context(out / "genai_config.json", spec["prefix"]["tokens"])
+    ahead = (spec.get("prefix") or spec.get("prompt") or {}).get("tokens", 0)
+    if ahead:
+        shorten_context(out / "genai_config.json", ahead)
     for f in out.glob(f"{MODEL}*"):
         f.unlink()
     save_graph(graph, out)

@@ -122,7 +122,7 @@ def run(ctx: StageContext) -> None:
     scheme = kernels.activation_rounding
     merged = ctx.artifact("merge")
     mirror = Mirror(graph, config, scheme, kernels.bf16_scales, adapters.unmerged_spec(merged),
-                    adapters.unmerged_prefix(merged))
+                    adapters.unmerged_tensors(merged))
     fit = Distiller(mirror, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.norms)
     saved = resume_checkpoint(ctx.work, ctx.fingerprint, ctx.options.get("resume"), WEIGHTS, cfg.steps)
     start = fit.load(saved) if saved is not None else 0
