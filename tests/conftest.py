@@ -49,7 +49,8 @@ ADAPTERS = {"lora": 'method = "lora"\nr = 8\nalpha = 16',
             "lora-gated": 'method = "lora"\nr = 8\nalpha = 16\ngated = true\n'
                           'target_modules = ["q_proj", "v_proj", "down_proj"]',
             "prefix": 'method = "prefix"\nprefix_tokens = 4\nprefix_hidden = 32',
-            "prompt": 'method = "prompt"\nprompt_tokens = 4'}
+            "prompt": 'method = "prompt"\nprompt_tokens = 4',
+            "unipelt": 'method = "unipelt"\nr = 8\nalpha = 16\nbottleneck = 32\nprefix_tokens = 4\nprefix_hidden = 32'}
 
 
 def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "",

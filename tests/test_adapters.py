@@ -28,6 +28,10 @@ SPECS = {
         "prefix": {"tokens": 3, "hidden": 0},
         "bottleneck": {"size": 32, "mode": "parallel", "placement": ["attn", "mlp"], "gated": False, "scale": 1.0}},
     "prompt": {"prompt": {"tokens": 5}},
+    "gated-prefix": {"prefix": {"tokens": 4, "hidden": 0, "gated": True}},
+    "unipelt": {"bottleneck": {"size": 32, "mode": "serial", "placement": ["mlp"], "gated": True, "scale": 1.0},
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "gated": True, "targets": ["q_proj", "v_proj"]},
+                "prefix": {"tokens": 3, "hidden": 0, "gated": True}},
     "prompt-and-gated-lora": {"prompt": {"tokens": 3},
                               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "gated": True, "targets": ["q_proj"]}},
 }
@@ -44,7 +48,12 @@ def _expected(spec: dict) -> dict:
         kv = 2 * 2 * 2 * 16  # layers x (k, v) x kv heads x head dim, per prefix position
         out["trainable"] += px["tokens"] * kv if not px["hidden"] else (
             px["tokens"] * 64 + 64 * px["hidden"] + px["hidden"] + px["hidden"] * kv + kv)
-        out["nodes"] += 10 + 4 * 2  # the first-forward test and shifted lengths, then rows in and out per layer
+        if px.get("gated"):  # a gate per layer; q slice and heads, scores, softmax, values, back, gate, add
+            out["trainable"] += 2 * 65
+            out["nodes"] += 2 * 11
+            out["matmuls"] += 2
+        else:
+            out["nodes"] += 10 + 4 * 2  # the first-forward test and shifted lengths, then rows in/out per layer
     if spec.get("prompt"):
         out["trainable"] += spec["prompt"]["tokens"] * 64
         out["nodes"] += 10 + 3 + 1  # the same, then rows ahead of the embeddings and dropped before the head
@@ -139,7 +148,8 @@ def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path,
     assert np.abs(without - reference).max() > 0.05
 
 
-@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated", "lora-gated", "prefix", "prompt"])
+@pytest.fixture(scope="module", params=["adapter", "adapter-parallel-gated", "lora-gated", "prefix", "prompt",
+                                        "unipelt"])
 def adapter_run(request, tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp(request.param)
     recipe = write_recipe(root / "tiny.toml", tiny_model_dir, method=request.param)

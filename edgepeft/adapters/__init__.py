@@ -24,7 +24,7 @@ from pathlib import Path
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK_QUANTUM = 32  # gated LoRA's rank is padded to a multiple of this in the graph (int4 block sizes divide it)
 PEFT_METHODS = ("lora", "ia3")
-OWN_METHODS = ("adapter", "prefix", "prompt")
+OWN_METHODS = ("adapter", "prefix", "prompt", "unipelt")
 METHODS = PEFT_METHODS + OWN_METHODS
 CONFIG = "edgepeft_adapter.json"
 WEIGHTS = "edgepeft_adapter.safetensors"

@@ -7,7 +7,7 @@ A set is defined by a JSON-able spec, saved beside the weights::
     {"method": "adapter" | "lora", "layers": L, "hidden_size": H,
      "bottleneck": {"size", "placement", "mode", "gated", "scale"}       (bottleneck adapters; optional)
      "lora": {"r", "alpha", "dropout", "targets", "gated": true}          (gated LoRA; optional)
-     "prefix": {"tokens", "hidden"}                                      (prefix tuning; optional)
+     "prefix": {"tokens", "hidden", "gated"}                             (prefix tuning; optional)
      "prompt": {"tokens"}}                                               (prompt tuning; optional)
 
 Its state dict reads ``layers.<i>.<attn|mlp>.<down|up|gate>.weight`` (bottleneck) and
@@ -21,7 +21,7 @@ from torch import nn
 
 from edgepeft.adapters.bottleneck import Bottleneck, bottleneck_hook
 from edgepeft.adapters.lora import ATTENTION, GatedLoRA, lora_hook, target_shape
-from edgepeft.adapters.prefix import Prefix, prefix_pre_hook
+from edgepeft.adapters.prefix import Prefix, PrefixGate, gated_prefix_hooks, prefix_pre_hook
 from edgepeft.adapters.prompt import SoftPrompt, prompt_hooks
 
 
@@ -47,6 +47,10 @@ class AdapterSet(nn.Module):
             layers.append(nn.ModuleDict(parts))
         self.layers = nn.ModuleList(layers)
         px = spec.get("prefix")
+        self.heads = config.num_attention_heads
+        if px and px.get("gated"):  # UniPELT's gated prefix: a gate per layer (see prefix.gated_prefix_hooks)
+            for block in layers:
+                block["prefix_gate"] = PrefixGate(spec["hidden_size"])
         self.prefix = Prefix(spec["layers"], config.num_key_value_heads, head_dim(config), px["tokens"], px["hidden"],
                              spec["hidden_size"]) if px else None
         pt = spec.get("prompt")
@@ -72,13 +76,20 @@ class AdapterSet(nn.Module):
         on = lambda: self.enabled  # noqa: E731
         for block, layer in zip(self.layers, layers, strict=True):
             for name, part in block.items():
+                if isinstance(part, PrefixGate):
+                    continue
                 if isinstance(part, Bottleneck):
                     module = layer.self_attn if name == "attn" else layer.mlp
                     module.register_forward_hook(bottleneck_hook(part, parallel, on), with_kwargs=True)
                 else:
                     module = getattr(layer.self_attn if name in ATTENTION else layer.mlp, name)
                     module.register_forward_hook(lora_hook(part, on))
-        if self.prefix is not None:
+        if self.prefix is not None and self.spec["prefix"].get("gated"):
+            for i, (block, layer) in enumerate(zip(self.layers, layers, strict=True)):
+                on_q, on_o = gated_prefix_hooks(self.prefix, i, block["prefix_gate"], self.heads, on)
+                layer.self_attn.q_proj.register_forward_hook(on_q)
+                layer.self_attn.o_proj.register_forward_pre_hook(on_o)
+        elif self.prefix is not None:
             model.register_forward_pre_hook(prefix_pre_hook(self.prefix, on), with_kwargs=True)
         if self.prompt is not None:
             pre, post = prompt_hooks(self.prompt, on)
@@ -109,6 +120,12 @@ def spec_for(model, cfg) -> dict:
         spec["prefix"] = {"tokens": cfg.prefix_tokens, "hidden": cfg.prefix_hidden}
     elif cfg.method == "prompt":
         spec["prompt"] = {"tokens": cfg.prompt_tokens}
+    elif cfg.method == "unipelt":  # UniPELT: gated LoRA (q, v), a gated adapter after each MLP, a gated prefix
+        spec["bottleneck"] = {"size": cfg.bottleneck, "placement": list(cfg.placement), "mode": cfg.mode,
+                              "gated": True, "scale": cfg.scale}
+        spec["lora"] = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "gated": True,
+                        "targets": list(cfg.target_modules or DEFAULT_TARGETS)}
+        spec["prefix"] = {"tokens": cfg.prefix_tokens, "hidden": cfg.prefix_hidden, "gated": True}
     else:  # gated LoRA
         spec["lora"] = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "gated": True,
                         "targets": list(TARGETS if cfg.target_modules == "all-linear"

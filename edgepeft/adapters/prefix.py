@@ -69,3 +69,50 @@ def prefix_pre_hook(prefix: Prefix, enabled):
                       cache_position=torch.arange(past, past + n, device=dev))
         return args, kwargs
     return hook
+
+
+class PrefixGate(nn.Module):
+    """UniPELT's gate on a layer's prefix: ``sigmoid(x w + b)`` of the attention's input at the same position."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gate = nn.Linear(width, 1, bias=False)
+        self.gate_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x) + self.gate_bias)
+
+
+def prefix_attention(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention of the queries ``q`` [batch, n, heads * dim] (before rotation) over one layer's prefix ``kv``
+    [2, kv_heads, tokens, dim]; [batch, n, heads * dim]."""
+    b, n, _ = q.shape
+    k, v = kv[0], kv[1]
+    group = heads // k.shape[0]
+    dim = k.shape[-1]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [heads, tokens, dim]
+    qh = q.view(b, n, heads, dim).transpose(1, 2)  # [b, heads, n, dim]
+    probs = torch.softmax(qh @ k.transpose(-1, -2) / dim ** 0.5, -1)
+    return (probs @ v).transpose(1, 2).reshape(b, n, heads * dim)
+
+
+def gated_prefix_hooks(prefix: Prefix, layer: int, gate: PrefixGate, heads: int, enabled):
+    """(forward hook on the layer's q_proj, forward pre-hook on its o_proj): the gated prefix as a parallel
+    attention (He et al. 2022's view of prefix tuning), added to the attention's output before o_proj.
+
+    UniPELT gates the prefix itself; inside one softmax that needs the attention's normalizer, which the exported
+    graph's fused attention does not give. So the prefix here is attended apart, by the queries before their
+    rotation (the prefix has no position), and its output is scaled by the per-token gate: a prefix as a gated,
+    position-free memory every token reads."""
+    slot: dict[str, torch.Tensor | None] = {"add": None}
+
+    def on_q(module, args, output):
+        slot["add"] = None
+        if enabled():
+            slot["add"] = gate(args[0]) * prefix_attention(output, prefix.values()[layer], heads)
+        return output
+
+    def on_o(module, args):
+        add, slot["add"] = slot["add"], None
+        return None if add is None else (args[0] + add, *args[1:])
+    return on_q, on_o

@@ -34,7 +34,8 @@ from edgepeft.onnx.quant import Quantized
 
 ACTIVATION_SCHEMES = ("blockwise", "rowwise")
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(qkv_proj|o_proj|gate_proj|up_proj|down_proj)/MatMul_Q\d+$")
-_ADAPTER_NODE = re.compile(r"^/model/layers\.(\d+)/(\w+?)_(adapter|lora)/(down|up|gate|A|B)/MatMul_Q\d+$")
+_ADAPTER_NODE = re.compile(r"^/model/layers\.(\d+)/(?:(\w+?)_(?:adapter|lora)|(prefix_gate))/"
+                           r"(down|up|gate|A|B)/MatMul_Q\d+$")
 
 
 def graph_spec(unmerged: dict) -> dict:
@@ -178,6 +179,7 @@ class Mirror:
         from edgepeft import adapters
         from edgepeft.adapters.bottleneck import Bottleneck
         from edgepeft.adapters.lora import packed_slice
+        from edgepeft.adapters.prefix import PrefixGate
         from edgepeft.onnx.adapters import part_prefix
 
         if not config.tie_word_embeddings:
@@ -204,7 +206,8 @@ class Mirror:
                 sub = "self_attn" if m.group(2) == "attn" else "mlp"
                 parts = [(f"model.layers.{m.group(1)}.{sub}.{m.group(3)}", 0, sc.shape[0])]
             elif a and unmerged is not None:
-                parts = [(f"{adapters.ATTR}.layers.{a.group(1)}.{a.group(2)}.{a.group(4)}", 0, sc.shape[0])]
+                parts = [(f"{adapters.ATTR}.layers.{a.group(1)}.{a.group(2) or a.group(3)}.{a.group(4)}", 0,
+                          sc.shape[0])]
             else:
                 raise ValueError(f"MatMulNBits node {name!r} is not one the mirror knows (Llama-family layout)")
             self.linears[name] = []
@@ -235,8 +238,9 @@ class Mirror:
         for i, block in enumerate(aset.layers if aset is not None else ()):
             for name, part in block.items():
                 if part.gate is not None:
-                    kind = "adapter" if isinstance(part, Bottleneck) else "lora"
-                    bias = graph.array(f"{part_prefix(i, f'{name}_{kind}')}.gate.bias")
+                    where = name if isinstance(part, PrefixGate) else (
+                        f"{name}_adapter" if isinstance(part, Bottleneck) else f"{name}_lora")
+                    bias = graph.array(f"{part_prefix(i, where)}.gate.bias")
                     with torch.no_grad():
                         part.gate_bias.copy_(torch.from_numpy(bias.copy()))
         self.norms = {}

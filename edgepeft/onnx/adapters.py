@@ -38,7 +38,9 @@ def insert_unmerged(model, spec: dict, tensors: dict[str, np.ndarray], config) -
         added += insert_bottlenecks(model, spec["layers"], spec["bottleneck"], tensors)
     if spec.get("lora"):
         added += insert_lora(model, spec["layers"], spec["lora"], tensors, config)
-    if spec.get("prefix"):
+    if spec.get("prefix") and spec["prefix"].get("gated"):
+        added += insert_gated_prefix(model, tensors, config)
+    elif spec.get("prefix"):
         added += insert_prefix(model, tensors["prefix.kv"])
     if spec.get("prompt"):
         added += insert_prompt(model, tensors["prompt.embeddings"])
@@ -281,6 +283,53 @@ def insert_prefix(model, kv: np.ndarray) -> int:
         for n in reversed(before):
             g.node.insert(at, n)
     return ahead.added + 4 * layers
+
+
+def insert_gated_prefix(model, tensors: dict[str, np.ndarray], config) -> int:
+    """UniPELT's gated prefix as the PyTorch model computes it (``edgepeft.adapters.prefix.gated_prefix_hooks``):
+    per layer, the queries before rotation (the q columns of the packed q/k/v, LoRA updates included) attend over
+    the prefix's keys and values (constants, per query head), and the result, scaled by the per-token gate, is
+    added to the attention's output before o_proj."""
+    from onnx import helper, numpy_helper
+
+    kv = tensors["prefix.kv"]
+    layers, _, kv_heads, tokens, dim = kv.shape
+    heads = config.num_attention_heads
+    g = model.graph
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if len(gqa) != layers or any(n.input[1] or n.input[2] for n in gqa):
+        raise EdgepeftError(f"[export] a gated prefix needs {layers} GroupQueryAttention nodes over packed q/k/v")
+    added = 0
+    for i, node in enumerate(gqa):
+        pre, key = part_prefix(i, "prefix_gate"), f"layers.{i}.prefix_gate"
+        qkv_matmul = next(n for n in g.node if n.name == f"/model/layers.{i}/attn/qkv_proj/MatMul")
+        x, qkv, out = qkv_matmul.input[0], node.input[0], node.output[0]
+        k = np.repeat(kv[i, 0], heads // kv_heads, 0)  # [heads, tokens, dim]
+        v = np.repeat(kv[i, 1], heads // kv_heads, 0)
+
+        def c(name, arr, pre=pre):
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), f"{pre}.{name}"))
+            return f"{pre}.{name}"
+
+        h = helper.make_node
+        nodes = [
+            h("Slice", [qkv, c("q_start", np.array([0], np.int64)), c("q_end", np.array([heads * dim], np.int64)),
+                        c("axis2", np.array([2], np.int64))], [f"{pre}/q"], name=f"{pre}/q/Slice"),
+            # [b, n, heads, 1, dim] x [heads, dim, tokens] -> [b, n, heads, 1, tokens]: no Transpose needed
+            h("Reshape", [f"{pre}/q", c("heads_shape", np.array([0, 0, heads, 1, dim], np.int64))], [f"{pre}/qh"],
+              name=f"{pre}/q/Reshape"),
+            h("MatMul", [f"{pre}/qh", c("keys", (k.transpose(0, 2, 1) / np.float32(dim ** 0.5)).astype(np.float32))],
+              [f"{pre}/scores"], name=f"{pre}/scores/MatMul"),
+            h("Softmax", [f"{pre}/scores"], [f"{pre}/probs"], axis=-1, name=f"{pre}/Softmax"),
+            h("MatMul", [f"{pre}/probs", c("values", v.astype(np.float32))], [f"{pre}/oh"], name=f"{pre}/out/MatMul"),
+            h("Reshape", [f"{pre}/oh", c("flat_shape", np.array([0, 0, heads * dim], np.int64))], [f"{pre}/o"],
+              name=f"{pre}/out/Reshape"),
+        ]
+        gate_nodes, gate = _gate(x, pre, key, tensors, g)
+        nodes += [*gate_nodes, h("Mul", [f"{pre}/o", gate], [f"{pre}/output_0"], name=f"{pre}/gate/Mul")]
+        _add_after(g, out, nodes, f"{pre}/output_0", pre)
+        added += len(nodes) + 1
+    return added
 
 
 def insert_prompt(model, embeddings: np.ndarray) -> int:

@@ -37,8 +37,9 @@ class AdapterConfig:
     # lora, ia3 (HF peft; merged into the weights), adapter (bottleneck adapters, edgepeft.adapters.bottleneck:
     # extra MatMuls in the exported graph) or prefix (prefix tuning, edgepeft.adapters.prefix: keys and values
     # ahead of the cache, in the graph) or prompt (prompt tuning, edgepeft.adapters.prompt: a soft prompt ahead of
-    # the tokens, in the graph)
-    method: Literal["lora", "ia3", "adapter", "prefix", "prompt"] = "lora"
+    # the tokens, in the graph) or unipelt (UniPELT: gated LoRA on target_modules, default q and v, a gated
+    # bottleneck adapter per `placement`, a gated prefix; every part behind its own per-token gate)
+    method: Literal["lora", "ia3", "adapter", "prefix", "prompt", "unipelt"] = "lora"
     # LoRA
     r: int = 16
     alpha: int = 32
@@ -68,7 +69,7 @@ class AdapterConfig:
     prompt_tokens: int = 16
 
     def check(self) -> str | None:
-        if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
+        if self.method in ("lora", "unipelt") and (self.r <= 0 or self.alpha <= 0):
             return "r and alpha must be positive"
         if not 0 <= self.dropout < 1:
             return f"dropout must be in [0, 1) (got {self.dropout})"
@@ -81,21 +82,22 @@ class AdapterConfig:
         if self.method == "prefix":
             if self.target_modules is not None:
                 return "target_modules applies to LoRA and IA3; a prefix goes ahead of every layer"
-            if self.prefix_tokens <= 0 or self.prefix_hidden < 0:
-                return "prefix_tokens must be positive and prefix_hidden not negative"
+        if self.method in ("prefix", "unipelt") and (self.prefix_tokens <= 0 or self.prefix_hidden < 0):
+            return "prefix_tokens must be positive and prefix_hidden not negative"
         if self.method == "prompt":
             if self.target_modules is not None:
                 return "target_modules applies to LoRA and IA3; a soft prompt goes ahead of the tokens"
             if self.prompt_tokens <= 0:
                 return "prompt_tokens must be positive"
-        if self.gated and self.method == "lora" and isinstance(self.target_modules, list):
+        gated_lora = self.gated and self.method == "lora" or self.method == "unipelt"
+        if gated_lora and isinstance(self.target_modules, list):
             from edgepeft.adapters import LORA_TARGETS
 
             bad = [t for t in self.target_modules if t not in LORA_TARGETS]
             if bad:
                 return f"gated LoRA targets the decoder's projections ({', '.join(LORA_TARGETS)}), not {bad[0]!r}"
-        if self.method == "adapter":
-            if self.target_modules is not None:
+        if self.method in ("adapter", "unipelt"):
+            if self.target_modules is not None and self.method == "adapter":
                 return "target_modules applies to LoRA and IA3; bottleneck adapters take placement"
             if self.bottleneck <= 0:
                 return f"bottleneck must be positive (got {self.bottleneck})"

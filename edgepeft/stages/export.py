@@ -81,7 +81,10 @@ def _add_unmerged(merged_dir, out) -> int:
     graph = onnx.load(str(out / MODEL))
     added = insert_unmerged(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)),
                             AutoConfig.from_pretrained(merged_dir))
-    ahead = (spec.get("prefix") or spec.get("prompt") or {}).get("tokens", 0)
+    # positions put in the KV cache ahead of the sequence (a gated prefix is attended apart, not cached)
+    ahead = (spec.get("prompt") or {}).get("tokens", 0)
+    if spec.get("prefix") and not spec["prefix"].get("gated"):
+        ahead = spec["prefix"]["tokens"]
     if ahead:
         shorten_context(out / "genai_config.json", ahead)
     for f in out.glob(f"{MODEL}*"):

@@ -108,10 +108,10 @@ def run(ctx: StageContext) -> None:
 
 def preflight(recipe) -> None:
     adapter, block, name = recipe.adapter, recipe.target.block_size, recipe.target.name
-    if adapter.method == "adapter" and adapter.bottleneck % block:
+    if adapter.method in ("adapter", "unipelt") and adapter.bottleneck % block:
         raise EdgepeftError(f"[adapter] bottleneck {adapter.bottleneck} must be a multiple of target {name}'s "
                             f"block_size {block} (its up-projection is quantized block-wise)")
-    if adapter.method == "lora" and adapter.gated and padded_rank(adapter.r) % block:
+    if (adapter.method == "lora" and adapter.gated or adapter.method == "unipelt") and padded_rank(adapter.r) % block:
         raise EdgepeftError(f"[adapter] gated LoRA's rank is padded to a multiple of {RANK_QUANTUM} in the graph; "
                             f"target {name}'s block_size {block} must divide it (r = {adapter.r}): use r = {block}")
 

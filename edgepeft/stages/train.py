@@ -39,7 +39,7 @@ def preflight(recipe) -> None:
                             f"batch_size {cfg.batch_size}")
 
 
-DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "adapter": 1e-3, "prefix": 1e-3, "prompt": 3e-2}
+DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "adapter": 1e-3, "prefix": 1e-3, "prompt": 3e-2, "unipelt": 1e-3}
 
 
 def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
