@@ -279,7 +279,7 @@ def _compare_methods(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EdgepeftError(f"--out {out} is a file, not a folder")
-    result = compare_methods(Path(args.methods), out, STAGES, args.only)
+    result = compare_methods(Path(args.methods), out, args.only)
     return 0 if all("error" not in r for r in result["rows"]) else 1
 
 

@@ -4,9 +4,10 @@ interleaved with the first (LoRA); one table.
 
 The list is data (``export/compare/methods.toml``): a ``recipe`` and one ``[methods.<name>]`` table per
 method, which replaces that recipe's ``[adapter]`` keys. Each method runs in ``<out>/<name>``, siblings, so the
-stages before training (load, quantize) are made once and shared. A method whose bundle fails the quality gate
-still gets its row (the gate's figures are in the bundle); one that fails before its bundle exists gets its
-error. The table goes to ``<out>/methods.md`` and ``<out>/methods.json``.
+stages before training (load, quantize) are made once and shared, and in a process of its own, so its peak
+memory is its own (a process's peak resident set never goes down). A method whose bundle fails the quality gate
+still gets its row (the gate's figures are in the bundle); one that fails otherwise gets its error. The table
+goes to ``<out>/methods.md`` and ``<out>/methods.json``.
 """
 
 from __future__ import annotations
@@ -43,9 +44,6 @@ def method_recipe(base: Path, name: str, adapter: dict):
     """The base recipe with ``adapter`` over its [adapter] table, named ``name`` (checked like any recipe)."""
     data = recipe_mod.resolve_extends(load_toml(base), base)
     data = {**data, "name": name, "adapter": {**data.get("adapter", {}), **adapter}}
-    if adapter.get("method", "lora") != "lora":  # LoRA's rank/scale do not apply to the other methods
-        data["adapter"] = {k: v for k, v in data["adapter"].items() if k not in ("r", "alpha", "dropout")
-                           or k in adapter}
     return recipe_mod.parse(data, f"{base} with [methods.{name}]", base)
 
 
@@ -123,11 +121,47 @@ def markdown(rows: list[dict], base: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_methods(methods_file: Path, out: Path, stages, only: list[str] | None = None, echo=print) -> dict:
-    """Run every method of ``methods_file`` (or those in ``only``) through ``stages`` into ``out/<name>``; the
-    table as a dict (also written to ``out/methods.json`` and ``out/methods.md``)."""
-    from edgepeft.pipeline.runner import run_stages
+def _toml_value(v) -> str:
+    return json.dumps(v)  # strings, numbers, booleans and lists of them read the same in TOML
 
+
+def recipe_file(base: Path, name: str, adapter: dict, path: Path) -> Path:
+    """The method's recipe as a file (``extends`` the base, its own name and [adapter] keys)."""
+    lines = [f"# written by edgepeft compare-methods: {base.name} with [methods.{name}]",
+             f"extends = {_toml_value(base.as_posix())}", f"name = {_toml_value(name)}", "[adapter]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in adapter.items()]
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _run_apart(recipe: Path, run_dir: Path) -> str | None:
+    """``edgepeft run`` in a process of its own (its output passed through); its error line, or None."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "run", str(recipe), "--out", str(run_dir)],
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    error: list[str] = []
+
+    def relay():
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.startswith("edgepeft: error: "):
+                error.append(line[len("edgepeft: error: "):].strip())
+
+    t = threading.Thread(target=relay, daemon=True)
+    t.start()
+    code = proc.wait()
+    t.join()
+    if code == 0:
+        return None
+    return error[0] if error else f"edgepeft run ended with exit code {code}"
+
+
+def compare_methods(methods_file: Path, out: Path, only: list[str] | None = None, echo=print) -> dict:
+    """Run every method of ``methods_file`` (or those in ``only``) through the pipeline into ``out/<name>``; the
+    table as a dict (also written to ``out/methods.json`` and ``out/methods.md``)."""
     base, methods = load_methods(Path(methods_file))
     if only:
         missing = [m for m in only if m not in methods]
@@ -140,16 +174,14 @@ def compare_methods(methods_file: Path, out: Path, stages, only: list[str] | Non
     for name, recipe in recipes.items():
         echo(f"== {name}: [adapter] {json.dumps(methods[name])}")
         bundles[name] = out / name / "bundle" / recipe.target.name
-        records = {}
-        try:
-            records = run_stages(stages, recipe, out / name, echo=echo)
-        except EdgepeftError as e:
-            if _quality(bundles[name]) is None:
-                rows.append({"method": name, "error": str(e).splitlines()[0]})
-                echo(f"  {name} failed: {str(e).splitlines()[0]}")
-                continue
-            records = {s: json.loads((out / name / s / "record.json").read_text())
-                       for s in ("train",) if (out / name / s / "record.json").is_file()}
+        path = recipe_file(base, name, methods[name], out / f"{name}.toml")
+        error = _run_apart(path, out / name)
+        if error and not (error.startswith("[evaluate]") and _quality(bundles[name])):  # a gate failure has a row
+            rows.append({"method": name, "error": error})
+            echo(f"  {name} failed: {error}")
+            continue
+        records = {s: json.loads((out / name / s / "record.json").read_text())
+                   for s in ("train",) if (out / name / s / "record.json").is_file()}
         rows.append(row(name, records, bundles[name]))
     first = next(iter(recipes.values()))
     _latency(rows, bundles, first.target, first.profile)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgepeft import adapters
+from edgepeft.adapters import api as adapters
 from edgepeft.pipeline import recipe as recipe_mod
 from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
@@ -271,7 +271,7 @@ def test_compare_methods_table(tmp_path, tiny_model_dir):
     methods.write_text('recipe = "tiny.toml"\n[methods.lora]\nmethod = "lora"\n'
                        '[methods.adapter]\nmethod = "adapter"\nbottleneck = 32\ngated = true\n')
     out = tmp_path / "compare"
-    result = compare_methods(methods, out, STAGES, echo=lambda s: None)
+    result = compare_methods(methods, out, echo=lambda s: None)
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["lora", "adapter"] and all("error" not in r for r in rows.values())
     assert rows["lora"]["decode_vs_first"] == 1.0 and rows["adapter"]["decode_ms"] > 0
@@ -299,7 +299,7 @@ def test_compare_methods_bad_input_before_any_run(tmp_path, tiny_model_dir, body
     write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
     (tmp_path / "m.toml").write_text(body)
     with pytest.raises(EdgepeftError, match=None) as e:
-        compare_methods(tmp_path / "m.toml", tmp_path / "out", STAGES, only, echo=lambda s: None)
+        compare_methods(tmp_path / "m.toml", tmp_path / "out", only, echo=lambda s: None)
     assert words in str(e.value)
     assert not (tmp_path / "out").exists()
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgepeft.adapters import LORA_TARGETS as TARGETS  # noqa: F401 (re-exported)
-from edgepeft.adapters import RANK_QUANTUM, padded_rank  # noqa: F401 (re-exported)
+from edgepeft.adapters.spec import LORA_TARGETS as TARGETS  # noqa: F401 (re-exported)
+from edgepeft.adapters.spec import RANK_QUANTUM, padded_rank  # noqa: F401 (re-exported)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # UniPELT's choice

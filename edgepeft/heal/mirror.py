@@ -176,7 +176,7 @@ class Mirror:
                  unmerged: dict | None = None, tensors: dict | None = None):
         from transformers import AutoModelForCausalLM
 
-        from edgepeft import adapters
+        from edgepeft.adapters import api as adapters
         from edgepeft.adapters.bottleneck import Bottleneck
         from edgepeft.adapters.lora import packed_slice
         from edgepeft.adapters.prefix import PrefixGate

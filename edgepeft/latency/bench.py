@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgepeft.adapters import unmerged_spec
+from edgepeft.adapters.api import unmerged_spec
 from edgepeft.bundle.manifest import read_manifest
 from edgepeft.latency import costmodel
 from edgepeft.onnx.builder import build_onnx

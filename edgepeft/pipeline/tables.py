@@ -91,7 +91,7 @@ class AdapterConfig:
                 return "prompt_tokens must be positive"
         gated_lora = self.gated and self.method == "lora" or self.method == "unipelt"
         if gated_lora and isinstance(self.target_modules, list):
-            from edgepeft.adapters import LORA_TARGETS
+            from edgepeft.adapters.spec import LORA_TARGETS
 
             bad = [t for t in self.target_modules if t not in LORA_TARGETS]
             if bad:

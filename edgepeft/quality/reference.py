@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.adapters import is_adapter_dir
+from edgepeft.adapters.api import is_adapter_dir
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.pipeline.layout import RunDir
 from edgepeft.quality.scores import compare
@@ -33,7 +33,7 @@ class Reference:
     def load(self):
         import torch
 
-        from edgepeft.adapters import load
+        from edgepeft.adapters.api import load
         from edgepeft.models.pytorch import load_4bit  # imports PyTorch: only when the model is needed
 
         return load(load_4bit(self.base, torch.device("cpu")), self.adapter).eval()

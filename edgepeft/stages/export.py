@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from edgepeft import adapters
+from edgepeft.adapters import api as adapters
 from edgepeft.calib.sets import check_windows
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.onnx.adapters import insert_unmerged, shorten_context

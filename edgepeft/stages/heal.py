@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from edgepeft import adapters
+from edgepeft.adapters import api as adapters
 from edgepeft.calib.sets import calibration_windows
 from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError

@@ -6,7 +6,7 @@ correct the 4-bit rounding). The dequantized weights are loaded into a fresh, or
 the same config: it is not flagged 4-bit, so peft merges LoRA and IA3 alike (peft refuses to merge IA3
 into a model flagged ``is_loaded_in_4bit``, even after ``dequantize()``). Bottleneck adapters cannot be
 merged: the folder then holds the dequantized base and, in ``unmerged/``, the adapters the export stage
-puts into the graph (``edgepeft.adapters.merge_into``).
+puts into the graph (``edgepeft.adapters.api.merge_into``).
 
 The stage then checks its own work: on held-out prose (and the task's validation prompts) it compares the
 merged model with the reference the user trained, (4-bit base + adapter), and fails if the largest logit
@@ -15,7 +15,7 @@ difference is above ``max_logit_diff``.
 
 from __future__ import annotations
 
-from edgepeft import adapters
+from edgepeft.adapters import api as adapters
 from edgepeft.calib.data import prompt_ids, recipe_splits
 from edgepeft.calib.sets import check_windows
 from edgepeft.core.errors import EdgepeftError

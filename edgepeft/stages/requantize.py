@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 
-from edgepeft.adapters import RANK_QUANTUM, padded_rank
+from edgepeft.adapters.spec import RANK_QUANTUM, padded_rank
 from edgepeft.calib.sets import calibration_windows
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError

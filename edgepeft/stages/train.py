@@ -1,5 +1,5 @@
-"""Stage ``train``: an adapter on the frozen 4-bit base: LoRA or IA3 (peft) or bottleneck adapters (edgepeft's
-own, ``edgepeft.adapters``).
+"""Stage ``train``: an adapter on the frozen 4-bit base: LoRA or IA3 (peft), or edgepeft's own bottleneck
+adapters, gated LoRA, prefix or prompt tuning, UniPELT (``edgepeft.adapters.api``).
 
 The loop is plain and visible (no hidden trainer): it runs under ``accelerate``, so the same code runs on
 one CPU, one GPU, or several under ``accelerate launch`` / ``torchrun`` (DDP). Each process loads the
@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgepeft import adapters
+from edgepeft.adapters import api as adapters
 from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
@@ -59,7 +59,7 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-ADAPTER_WEIGHTS = "adapter.safetensors"  # a checkpoint's adapter tensors (edgepeft.adapters.state)
+ADAPTER_WEIGHTS = "adapter.safetensors"  # a checkpoint's adapter tensors (edgepeft.adapters.api.state)
 
 
 def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler, losses: list[float]) -> Path:
