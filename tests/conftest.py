@@ -159,3 +159,14 @@ def interrupt_heal_at_first_checkpoint(recipe, out: Path, monkeypatch) -> None:
         m.setattr(distill.Distiller, "save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             run_stages(STAGES, recipe, out, first="heal", last="heal", echo=lambda s: None)
+
+
+def greedy_decode(decoder, ids: list[int], new_tokens: int):
+    """The raw graph's greedy continuation of ``ids`` through its KV cache: (tokens, last cache, total length)."""
+    logits, cache = decoder.prefill(ids)
+    tokens, total = [int(logits[-1].argmax())], len(ids)
+    for _ in range(new_tokens - 1):
+        total += 1
+        logits, cache = decoder.step(tokens[-1], cache, total)
+        tokens.append(int(logits.argmax()))
+    return tokens, cache, total

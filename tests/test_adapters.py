@@ -11,7 +11,7 @@ from edgepeft.adapters import api as adapters
 from edgepeft.pipeline import recipe as recipe_mod
 from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
-from tests.conftest import write_recipe
+from tests.conftest import greedy_decode, write_recipe
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPECS = {
@@ -318,12 +318,7 @@ def test_adapter_bundle_answers_as_the_graph_decodes(adapter_run):
     ids = runner.prompt_ids([("user", "call mom")])
     answer = runner.generate(ids, max_new_tokens=6)
     dec = Decoder(b / "model.ort")
-    logits, cache = dec.prefill(ids)
-    tokens, total = [int(logits[-1].argmax())], len(ids)
-    for _ in range(5):
-        total += 1
-        logits, cache = dec.step(tokens[-1], cache, total)
-        tokens.append(int(logits.argmax()))
+    tokens, cache, total = greedy_decode(dec, ids, 6)
     assert answer.tokens == 6 and answer.text == runner.tokenizer.decode(tokens)
     reserve = manifest.get("kv_cache_reserve_tokens", 0)
     assert (reserve > 0) == (adapter_run["method"] in ("prefix", "prompt"))

@@ -18,7 +18,7 @@ from edgepeft.onnx.decoder import Decoder
 from edgepeft.pipeline import recipe as recipe_mod
 from edgepeft.pipeline.runner import run_stages
 from edgepeft.stages.registry import STAGES
-from tests.conftest import write_recipe
+from tests.conftest import greedy_decode, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +113,7 @@ def test_generate_cli_matches_greedy_decoding_with_onnxruntime(run):
     ids = runner.prompt_ids([("system", read_manifest(b)["prompt"]["system"]), ("user", "call mom")])
     answer = runner.generate(ids, max_new_tokens=6)
     dec = Decoder(b / "model.ort")
-    logits, cache = dec.prefill(ids)
-    tokens, total = [int(logits[-1].argmax())], len(ids)
-    for _ in range(5):
-        total += 1
-        logits, cache = dec.step(tokens[-1], cache, total)
-        tokens.append(int(logits.argmax()))
+    tokens, _, _ = greedy_decode(dec, ids, 6)
     assert answer.text == runner.tokenizer.decode(tokens)
     cli = subprocess.run([sys.executable, "-m", "edgepeft.cli", "generate", str(b), "call mom",
                           "--max-new-tokens", "6"], capture_output=True, text=True)

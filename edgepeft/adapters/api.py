@@ -21,8 +21,6 @@ import shutil
 from pathlib import Path
 
 PEFT_METHODS = ("lora", "ia3")
-OWN_METHODS = ("adapter", "prefix", "prompt", "unipelt")
-METHODS = PEFT_METHODS + OWN_METHODS
 CONFIG = "edgepeft_adapter.json"
 WEIGHTS = "edgepeft_adapter.safetensors"
 UNMERGED = "unmerged"  # the merge folder's subfolder holding what the merge could not fold into the weights

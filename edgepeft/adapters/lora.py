@@ -54,11 +54,14 @@ def lora_hook(lora: GatedLoRA, enabled):
     return hook
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def target_shape(config, name: str) -> tuple[int, int]:
     """(in, out) features of target ``name`` in a Llama-family layer."""
     h, inter = config.hidden_size, config.intermediate_size
-    head = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, inter),
             "up_proj": (h, inter), "down_proj": (inter, h)}[name]
 

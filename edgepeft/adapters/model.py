@@ -20,13 +20,9 @@ from __future__ import annotations
 from torch import nn
 
 from edgepeft.adapters.bottleneck import Bottleneck, bottleneck_hook
-from edgepeft.adapters.lora import ATTENTION, GatedLoRA, lora_hook, target_shape
+from edgepeft.adapters.lora import ATTENTION, GatedLoRA, head_dim, lora_hook, target_shape
 from edgepeft.adapters.prefix import Prefix, PrefixGate, gated_prefix_hooks, prefix_pre_hook
 from edgepeft.adapters.prompt import SoftPrompt, prompt_hooks
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class AdapterSet(nn.Module):
