@@ -3,13 +3,19 @@ Hugging Face folder, and recipes that run the whole pipeline on it in seconds.""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# edgepeft's cache (assembled built-in models, converted GGUF folders) is the session's own, not the user's
+os.environ["EDGEPEFT_CACHE"] = tempfile.mkdtemp(prefix="edgepeft-cache-")
+atexit.register(shutil.rmtree, os.environ["EDGEPEFT_CACHE"], True)
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +31,6 @@ def smollm_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,6 +42,41 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out, safe_serialization=True)
     for f in smollm_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+# Tiny random-init models of each family the pipeline takes besides Llama (the tokenizer is SmolLM2's): every
+# family's own layout at the same width, so the stage tests exercise what differs (q/k norms, Gemma's four norms,
+# (1 + w) norms, scaled embeddings and sliding windows shorter than the test windows, Phi-3's packed projections).
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16,
+                                                         "sliding_window": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"original_max_position_embeddings": 512}),
+}
+
+
+def family_model(family: str, out: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """A tiny random-init model of ``family`` (a key of ``FAMILIES``) saved as a Hugging Face folder at ``out``."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**{
+        "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **extra, **overrides})
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():  # biases (Qwen2's q/k/v) and norm weights start at constants: give them values
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)
     return out
 
@@ -54,10 +93,10 @@ ADAPTERS = {"lora": 'method = "lora"\nr = 8\nalpha = 16',
 
 
 def write_recipe(path: Path, model_dir: Path, method: str = "lora", steps: int = 6, extra: str = "",
-                 tail: str = "", target: str | None = None, budgets: str = "") -> Path:
+                 tail: str = "", target: str | None = None, budgets: str = "", model: str = "") -> Path:
     """A fast recipe for the tiny model; ``method`` is a key of ``ADAPTERS``, ``extra`` goes into [train],
-    ``budgets`` into [evaluate] (default: the random-init model's own figures pass), ``tail`` after every
-    table."""
+    ``budgets`` into [evaluate] (default: the random-init model's own figures pass), ``model`` into [model],
+    ``tail`` after every table."""
     budgets = budgets or ("max_perplexity_increase = 1.0\nmax_kl = 1.0\nmin_next_token_agreement = 0.0\n"
                           "max_accuracy_drop = 1.0")
     head = f'target = "{target}"' if target else ""
@@ -68,6 +107,7 @@ name = "tiny"
 {head}
 [model]
 source = "{model_dir.as_posix()}"
+{model}
 [adapter]
 {adapter}
 [train]
@@ -137,8 +177,6 @@ def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
 
 def run_before_heal(tiny_run: dict, out: Path) -> Path:
     """A copy of the tiny run's folder at ``out`` without the heal stage and the stages after it."""
-    import shutil
-
     shutil.copytree(tiny_run["out"], out, ignore=shutil.ignore_patterns("heal", "bundle", "evaluate", ".*"))
     return out
 

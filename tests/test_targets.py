@@ -199,3 +199,19 @@ def _truncated(path, tmp_path):
     cut = tmp_path / "cut.ort"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return cut
+
+
+def test_a_target_extends_another_and_changes_some_keys(tmp_path):
+    from dataclasses import asdict
+
+    from edgepeft.pipeline import target as target_mod
+
+    base, large = target_mod.load("android-arm64"), target_mod.load("android-arm64-large")
+    assert (large.name, large.block_size, large.max_bundle_mb) == ("android-arm64-large", 128, 200)
+    changed = {k for k, v in asdict(large).items() if asdict(base)[k] != v}
+    assert changed == {"name", "block_size", "max_bundle_mb"}
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "a.toml").write_text('extends = "b"\nthreads = 1\n')
+    (tmp_path / "targets" / "b.toml").write_text('extends = "a"\n')
+    with pytest.raises(EdgepeftError, match="extends 'a', which extends it back"):
+        target_mod.load(str(tmp_path / "targets" / "a.toml"))

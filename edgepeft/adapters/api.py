@@ -35,14 +35,21 @@ def _own(model):
     return getattr(model, ATTR, None)
 
 
-def peft_config(adapter):
+def peft_config(adapter, config=None):
+    """peft's config for a LoRA or IA3 table; ``config`` (the model's) picks IA3's default targets for its
+    family where the table names none (``edgepeft.models.families``: peft's own defaults where it has them)."""
     from peft import IA3Config, LoraConfig
 
     if adapter.method == "lora":
         return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                           target_modules=adapter.target_modules or "all-linear", task_type="CAUSAL_LM")
-    return IA3Config(target_modules=adapter.target_modules, feedforward_modules=adapter.feedforward_modules,
-                     task_type="CAUSAL_LM")
+    targets, feedforward = adapter.target_modules, adapter.feedforward_modules
+    if targets is None and config is not None:
+        from edgepeft.models.families import family_of
+
+        targets, default_ff = family_of(config).ia3_targets()
+        feedforward = feedforward or default_ff
+    return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
 
 
 def is_peft(adapter) -> bool:
@@ -55,7 +62,7 @@ def wrap(model, adapter):
     if is_peft(adapter):
         from peft import get_peft_model
 
-        return get_peft_model(model, peft_config(adapter))
+        return get_peft_model(model, peft_config(adapter, model.config))
     from edgepeft.adapters.model import spec_for
 
     model = attach_spec(model, spec_for(model, adapter))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.models.families import PACKED, family_of
 from edgepeft.onnx.quant import Quantized
 
 ACTIVATION_SCHEMES = ("blockwise", "rowwise")
@@ -88,9 +89,11 @@ class QuantLinear(nn.Module):
     ``bf16`` the kernel's view of each scale (bf16, truncated) is what multiplies, gradients passing
     straight through, and what is written back."""
 
-    def __init__(self, centered: torch.Tensor, scales: torch.Tensor, activations: str | None, bf16: bool = False):
+    def __init__(self, centered: torch.Tensor, scales: torch.Tensor, activations: str | None, bf16: bool = False,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("centered", centered, persistent=False)  # (code - zero point), [N, nb, block]
+        self.register_buffer("bias", bias, persistent=False)  # the graph's Add after the MatMul (Qwen2's q/k/v), fixed
         self.register_buffer("initial", scales.clone(), persistent=False)  # [N, nb]
         self.log_gain = nn.Parameter(torch.zeros_like(scales))
         self.activations = activations
@@ -111,20 +114,22 @@ class QuantLinear(nn.Module):
         return (self.centered * self.scales[..., None]).reshape(n, nb * block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(fake_int8(x, self.activations, self.block), self.weight())
+        return nn.functional.linear(fake_int8(x, self.activations, self.block), self.weight(), self.bias)
 
 
 class QuantEmbedding(nn.Module):
     """The token table read from the head's quantized weight (the graph's ``GatherBlockQuantized``)."""
 
-    def __init__(self, head: QuantLinear):
+    def __init__(self, head: QuantLinear, scale: float | None = None):
         super().__init__()
         self.head = [head]  # not a submodule: its scales are registered once, under lm_head
+        self.scale = scale  # Gemma multiplies the token rows by sqrt(hidden)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
         rows = head.centered[ids] * head.scales[ids][..., None]
-        return rows.reshape(*ids.shape, -1)
+        rows = rows.reshape(*ids.shape, -1)
+        return rows if self.scale is None else rows * self.scale
 
 
 class GraphWeights:
@@ -136,13 +141,24 @@ class GraphWeights:
         self.model = model
         self.init = {i.name: i for i in model.graph.initializer}
         self.matmuls = {}  # node name -> (node, its weight as quant.Quantized)
+        self.biases = {}  # node name -> the bias an Add right after it adds (a constant of the MatMul's width)
         for node in model.graph.node:
+            if node.op_type == "Add":
+                const = [i for i in node.input if i in self.init and len(self.init[i].dims) == 1]
+                if len(const) == 1:
+                    self.biases[next(i for i in node.input if i != const[0])] = const[0]
             if node.op_type != "MatMulNBits":
                 continue
             attrs = {a.name: a.i for a in node.attribute}
             b, scales = (numpy_helper.to_array(self.init[node.input[k]]) for k in (1, 2))
             zp = numpy_helper.to_array(self.init[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
             self.matmuls[node.name] = (node, Quantized.from_packed(b, scales, zp, attrs["bits"], attrs["block_size"]))
+
+    def bias(self, node_name: str) -> np.ndarray | None:
+        node = self.matmuls[node_name][0]
+        name = self.biases.get(node.output[0])
+        b = self.array(name) if name else None
+        return b if b is not None and b.shape == (self.matmuls[node_name][1].scales.shape[0],) else None
 
     def array(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
@@ -158,14 +174,29 @@ class GraphWeights:
         old.CopyFrom(new)
 
 
-def _norm_names(layers: int) -> dict[str, str]:
+def _norm_names(family, layers: int) -> dict[str, str]:
     """HF module name of each RMSNorm -> the graph's initializer name (onnxruntime-genai builder layout)."""
     names = {}
     for i in range(layers):
-        names[f"model.layers.{i}.input_layernorm"] = f"model.layers.{i}.input_layernorm.weight"
-        names[f"model.layers.{i}.post_attention_layernorm"] = f"model.layers.{i}.post_attention_layernorm.weight"
+        for norm in family.norms:
+            names[f"model.layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
+        if family.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                names[f"model.layers.{i}.self_attn.{n}"] = f"model.layers.{i}.attn.{n}.layernorm.weight"
     names["model.norm"] = f"model.layers.{layers}.final_norm_layernorm.weight"
     return names
+
+
+class RowConcat(nn.Module):
+    """A packed projection of the model (Phi-3's ``gate_up_proj``) the graph stores as separate MatMuls: their
+    outputs side by side."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 class Mirror:
@@ -190,8 +221,14 @@ class Mirror:
         layers = config.num_hidden_layers
         if unmerged is not None:  # hooked in once the linears it hooks into are the quantized ones
             adapters.attach_spec(model, graph_spec(unmerged), hooks=False)
-        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        family = family_of(config)
+        packed = {name: getattr(model.get_submodule(f"model.layers.0.{sub}"), name).out_features
+                  for sub, names in (("self_attn", family.attention), ("mlp", family.mlp))
+                  for name in names if name in PACKED}
+        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
         self.linears: dict[str, list[tuple[QuantLinear, int, int]]] = {}  # node -> (module, first row, rows)
+        pieces: dict[str, list[tuple[int, QuantLinear, str]]] = {}  # a packed module -> (its first row, piece, node)
         for name, (_node, weight) in graph.matmuls.items():
             centered = torch.from_numpy(weight.centered())
             sc = torch.from_numpy(weight.scales.astype(np.float32))
@@ -199,9 +236,15 @@ class Mirror:
             a = _ADAPTER_NODE.match(name)
             if name.startswith("/lm_head/"):
                 parts = [("lm_head", 0, sc.shape[0])]
-            elif m and m.group(3) == "qkv_proj":
+            elif m and m.group(3) == "qkv_proj" and "qkv_proj" not in packed:
                 pre = f"model.layers.{m.group(1)}.self_attn"
                 parts = [(f"{pre}.q_proj", 0, q), (f"{pre}.k_proj", q, kv), (f"{pre}.v_proj", q + kv, kv)]
+            elif m and m.group(3) in ("gate_proj", "up_proj") and "gate_up_proj" in packed:
+                at = 0 if m.group(3) == "gate_proj" else packed["gate_up_proj"] // 2
+                ql = QuantLinear(centered, sc, activations, bf16_scales)
+                pieces.setdefault(f"model.layers.{m.group(1)}.mlp.gate_up_proj", []).append((at, ql, name))
+                self.linears[name] = [(ql, 0, sc.shape[0])]
+                continue
             elif m:
                 sub = "self_attn" if m.group(2) == "attn" else "mlp"
                 parts = [(f"model.layers.{m.group(1)}.{sub}.{m.group(3)}", 0, sc.shape[0])]
@@ -211,11 +254,15 @@ class Mirror:
             else:
                 raise ValueError(f"MatMulNBits node {name!r} is not one the mirror knows (Llama-family layout)")
             self.linears[name] = []
+            bias = graph.bias(name)
             for module_name, start, rows in parts:
-                ql = QuantLinear(centered[start:start + rows].contiguous(), sc[start:start + rows], activations,
-                                 bf16_scales)
                 parent, _, attr = module_name.rpartition(".")
                 old = model.get_submodule(module_name)
+                own = None  # the module's bias, as the graph adds it (the builder drops an all-zero bias)
+                if getattr(old, "bias", None) is not None:
+                    own = torch.zeros(rows) if bias is None else torch.from_numpy(bias[start:start + rows].copy())
+                ql = QuantLinear(centered[start:start + rows].contiguous(), sc[start:start + rows], activations,
+                                 bf16_scales, own)
                 if a and a.group(4) == "B" and ql.weight().shape[0] != old.out_features:  # B over packed q, k, v
                     model.get_submodule(parent).out_slice = packed_slice(config, a.group(2))
                     old = nn.Linear(old.in_features, ql.weight().shape[0])
@@ -223,10 +270,19 @@ class Mirror:
                     raise ValueError(f"{name}: graph weight {tuple(ql.weight().shape)} does not fit {module_name}")
                 setattr(model.get_submodule(parent) if parent else model, attr, ql)
                 self.linears[name].append((ql, start, rows))
+        for module_name, found in pieces.items():
+            found.sort(key=lambda p: p[0])
+            old = model.get_submodule(module_name)
+            rows = [p[1].centered.shape[0] for p in found]
+            if [p[0] for p in found] != [sum(rows[:i]) for i in range(len(found))] or sum(rows) != old.out_features:
+                raise ValueError(f"{module_name}: the graph's {', '.join(p[2] for p in found)} do not make it up")
+            parent, _, attr = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, RowConcat([p[1] for p in found]))
         missing = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
         if missing:
             raise ValueError(f"the graph has no quantized weight for {missing[:3]}")
-        model.model.embed_tokens = QuantEmbedding(model.lm_head)
+        scale = getattr(model.model.embed_tokens, "embed_scale", None)
+        model.model.embed_tokens = QuantEmbedding(model.lm_head, None if scale is None else float(scale))
         aset = getattr(model, adapters.ATTR, None)
         if aset is not None:
             aset.attach(model)
@@ -244,10 +300,11 @@ class Mirror:
                     with torch.no_grad():
                         part.gate_bias.copy_(torch.from_numpy(bias.copy()))
         self.norms = {}
-        for module_name, init_name in _norm_names(layers).items():
+        self.norm_offset = family.norm_offset  # the graph stores offset + weight (Gemma's norms: 1 + w)
+        for module_name, init_name in _norm_names(family, layers).items():
             mod = model.get_submodule(module_name)
             with torch.no_grad():
-                mod.weight.copy_(torch.from_numpy(graph.array(init_name).copy()))
+                mod.weight.copy_(torch.from_numpy(graph.array(init_name).copy()) - self.norm_offset)
             self.norms[init_name] = mod
         for p in model.parameters():
             p.requires_grad_(False)
@@ -272,4 +329,4 @@ class Mirror:
             scales = torch.cat([ql.scales.detach() for ql, _, _ in parts]).numpy()
             self.graph.replace(node.input[2], scales)
         for init_name, mod in self.norms.items():
-            self.graph.replace(init_name, mod.weight.detach().numpy())
+            self.graph.replace(init_name, mod.weight.detach().numpy() + self.norm_offset)

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return sum(f.stat().st_size for f in files)
 
     bandwidth = costmodel.read_bandwidth_gbs(threads)
-    kv = costmodel.kv_bytes_per_position(bundle / "genai_config.json") * (args.prompt_tokens + args.decode_tokens / 2)
+    windows = costmodel.attention_windows(bundle / manifest["model_file"])
+    kv = costmodel.kv_bytes_read(bundle / "genai_config.json", windows, args.prompt_tokens + args.decode_tokens / 2)
     read = {"edgepeft bundle": costmodel.weight_bytes(bundle / manifest["model_file"])["read_per_token"],
             "ort-genai builder int4": costmodel.weight_bytes(builder_dir / "model.onnx")["read_per_token"],
             # PyTorch reads every parameter once per step (the tied embedding is the head's weight)

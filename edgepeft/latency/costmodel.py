@@ -8,7 +8,9 @@ says how far a runtime is from what the memory allows (1.0 = streaming the weigh
 - Bytes read per token: every initializer that a node other than a Gather reads. A token table read by
   Gather/GatherBlockQuantized costs one row per token, so it counts only when a MatMul reads it too (a
   tied output head). Works on ``.onnx`` (external data included) and on ORT-format ``.ort`` files.
-- KV cache: 2 (key, value) x layers x kv_heads x head_size x bytes per element, per position of context.
+- KV cache: 2 (key, value) x kv_heads x head_size x bytes per element, per layer and position of context
+  that layer attends to: a sliding-window layer (Gemma 3: 5 of every 6, 512 positions) reads at most its window,
+  whatever the context (``attention_windows`` reads each layer's window from the graph).
 - Read bandwidth: the best of several passes of a multi-threaded read over a buffer far larger than the
   caches (numpy reductions release the GIL, so ``threads`` Python threads read in parallel).
 
@@ -101,6 +103,38 @@ def kv_bytes_per_position(genai_config: Path, bytes_per_element: int = 4) -> int
     """KV-cache bytes one position of context adds (fp32 cache, as the CPU graphs keep it)."""
     dec = json.loads(Path(genai_config).read_text())["model"]["decoder"]
     return 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * bytes_per_element
+
+
+def attention_windows(model_file: Path) -> list[int]:
+    """Each attention layer's sliding window from the graph (``GroupQueryAttention``'s ``local_window_size``;
+    0: the layer attends to the whole context)."""
+    model_file = Path(model_file)
+    windows = []
+    if model_file.suffix == ".ort":
+        from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+        buf = bytearray(model_file.read_bytes())
+        graph = InferenceSession.InferenceSession.GetRootAs(buf, 0).Model().Graph()
+        for i in range(graph.NodesLength()):
+            node = graph.Nodes(i)
+            if node.OpType().decode() == "GroupQueryAttention":
+                attrs = {node.Attributes(j).Name().decode(): node.Attributes(j).I()
+                         for j in range(node.AttributesLength())}
+                windows.append(max(0, attrs.get("local_window_size", -1)))
+        return windows
+    import onnx
+
+    for node in onnx.load(str(model_file), load_external_data=False).graph.node:
+        if node.op_type == "GroupQueryAttention":
+            attrs = {a.name: a.i for a in node.attribute}
+            windows.append(max(0, attrs.get("local_window_size", -1)))
+    return windows
+
+
+def kv_bytes_read(genai_config: Path, windows: list[int], context: float, bytes_per_element: int = 4) -> float:
+    """KV-cache bytes a decode step reads at ``context`` positions: each layer its context or its window."""
+    per_layer = kv_bytes_per_position(genai_config, bytes_per_element) / len(windows) if windows else 0
+    return sum(per_layer * (min(context, w) if w else context) for w in windows)
 
 
 def floor_ms(bytes_read: float, gbs: float) -> float:

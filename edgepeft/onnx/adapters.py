@@ -185,14 +185,14 @@ class _Ahead:
     then holds ``tokens`` more positions than the generator counts: the bundle's context is shorter by ``tokens``
     (``shorten_context``) and its manifest says how many to reserve."""
 
-    def __init__(self, model, tokens: int, width: int, space: str):
+    def __init__(self, model, tokens: int, space: str):
         from onnx import TensorProto, helper
 
         self.g, self.space, self.helper = model.graph, space, helper
         g = self.g
         self.gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
-        if not self.gqa or any(n.input[1] or n.input[2] for n in self.gqa):
-            raise EdgepeftError("[export] positions ahead of the sequence need GroupQueryAttention over packed q/k/v")
+        if not self.gqa:
+            raise EdgepeftError("[export] positions ahead of the sequence need GroupQueryAttention")
         seqlens, total = self.gqa[0].input[5], self.gqa[0].input[6]
         t = self.t = f"{space}/"
         nodes = [
@@ -209,8 +209,6 @@ class _Ahead:
             helper.make_node("Cast", [t + "first"], [t + "first_i64"], to=TensorProto.INT64, name=t + "first/Cast"),
             helper.make_node("Mul", [t + "first_i64", self.const("tokens", np.array([tokens], np.int64))],
                              [t + "rows"], name=t + "rows/Mul"),
-            helper.make_node("Concat", [t + "batch", t + "rows", self.const("width", np.array([width], np.int64))],
-                             [t + "rows_shape"], axis=0, name=t + "rows_shape/Concat"),
         ]
         at = max(k for k, n in enumerate(g.node) if seqlens in n.output or total in n.output) + 1
         for n in reversed(nodes):
@@ -231,10 +229,13 @@ class _Ahead:
     def rows_before(self, x: str, rows: np.ndarray, name: str) -> tuple[list, str]:
         """Nodes putting constant ``rows`` [tokens, width] ahead of ``x`` [batch, n, width] on the first forward."""
         h, p = self.helper, f"{self.space}/{name}/"
+        width = self.const(f"{name}.width", np.array([rows.shape[-1]], np.int64))
         nodes = [
+            h.make_node("Concat", [self.t + "batch", self.t + "rows", width], [p + "rows_shape"], axis=0,
+                        name=p + "rows_shape/Concat"),
             h.make_node("Slice", [self.const(f"{name}.rows", rows[None].astype(np.float32)), self.zero, self.t + "rows",
                                   self.axis1], [p + "rows"], name=p + "rows/Slice"),
-            h.make_node("Expand", [p + "rows", self.t + "rows_shape"], [p + "rows_b"], name=p + "rows/Expand"),
+            h.make_node("Expand", [p + "rows", p + "rows_shape"], [p + "rows_b"], name=p + "rows/Expand"),
             h.make_node("Concat", [p + "rows_b", x], [p + "out"], axis=1, name=p + "Concat"),
         ]
         return nodes, p + "out"
@@ -260,29 +261,41 @@ def insert_prefix(model, kv: np.ndarray) -> int:
         raise EdgepeftError(f"[export] a prefix needs {layers} GroupQueryAttention nodes over {kv_heads} key/value "
                             f"heads; the graph has {len(gqa)}")
     inits = {i.name: i for i in model.graph.initializer}
-    cos, sin = (numpy_helper.to_array(inits[gqa[0].input[k]])[:tokens] for k in (7, 8))
-    if attrs.get("rotary_interleaved", 0) or cos.shape[1] * 2 != dim:
-        raise EdgepeftError(f"[export] a prefix needs full, non-interleaved rotary embeddings over heads of {dim}")
+    if attrs.get("rotary_interleaved", 0):
+        raise EdgepeftError("[export] a prefix needs non-interleaved rotary embeddings")
     heads = attrs["num_heads"]
-
-    def unrotated(k):  # R(-p) k for each position p: what GroupQueryAttention's rotation turns back into k
-        x1, x2 = k[..., :dim // 2], k[..., dim // 2:]
-        return np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1)
-
-    ahead = _Ahead(model, tokens, (heads + 2 * kv_heads) * dim, PREFIX)
+    ahead = _Ahead(model, tokens, PREFIX)
     g = model.graph
+    added = ahead.added
     for i, node in enumerate(gqa):
-        rows = np.concatenate([np.zeros((tokens, heads * dim), np.float32),
-                               unrotated(kv[i, 0]).transpose(1, 0, 2).reshape(tokens, kv_heads * dim),
-                               kv[i, 1].transpose(1, 0, 2).reshape(tokens, kv_heads * dim)], -1)
-        before, qkv = ahead.rows_before(node.input[0], rows, f"layers.{i}")
-        out = node.output[0]
-        node.input[0], node.output[0] = qkv, f"{PREFIX}/layers.{i}/attention"
+        # this layer's rotary tables (Gemma 3: local and global layers rotate by different bases)
+        cos, sin = (numpy_helper.to_array(inits[node.input[k]])[:tokens] for k in (7, 8))
+        if cos.shape[1] * 2 != dim:
+            raise EdgepeftError(f"[export] a prefix needs full rotary embeddings over heads of {dim}")
+
+        def unrotated(k, cos=cos, sin=sin):  # R(-p) k for each position p: what GQA's rotation turns back into k
+            x1, x2 = k[..., :dim // 2], k[..., dim // 2:]
+            return np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1)
+
+        parts = [np.zeros((tokens, heads * dim), np.float32),
+                 unrotated(kv[i, 0]).transpose(1, 0, 2).reshape(tokens, kv_heads * dim),
+                 kv[i, 1].transpose(1, 0, 2).reshape(tokens, kv_heads * dim)]
+        packed = not (node.input[1] or node.input[2])  # one q/k/v input, or three (after Qwen3's, Gemma's q/k norms)
+        inputs = [(0, np.concatenate(parts, -1), "")] if packed else [
+            (k, parts[k], f"/{'qkv'[k]}") for k in range(3)]
         at = list(g.node).index(node)
+        for k, rows, part in inputs:
+            before, x = ahead.rows_before(node.input[k], rows, f"layers.{i}{part}")
+            node.input[k] = x
+            for n in reversed(before):
+                g.node.insert(at, n)
+            at += len(before)
+            added += len(before)
+        out = node.output[0]
+        node.output[0] = f"{PREFIX}/layers.{i}/attention"
         g.node.insert(at + 1, ahead.drop_rows(node.output[0], out, f"layers.{i}"))
-        for n in reversed(before):
-            g.node.insert(at, n)
-    return ahead.added + 4 * layers
+        added += 1
+    return added
 
 
 def insert_gated_prefix(model, tensors: dict[str, np.ndarray], config) -> int:
@@ -297,13 +310,22 @@ def insert_gated_prefix(model, tensors: dict[str, np.ndarray], config) -> int:
     heads = config.num_attention_heads
     g = model.graph
     gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
-    if len(gqa) != layers or any(n.input[1] or n.input[2] for n in gqa):
-        raise EdgepeftError(f"[export] a gated prefix needs {layers} GroupQueryAttention nodes over packed q/k/v")
+    if len(gqa) != layers:
+        raise EdgepeftError(f"[export] a gated prefix needs {layers} GroupQueryAttention nodes")
+    names = {n.name: n for n in g.node}
     added = 0
     for i, node in enumerate(gqa):
         pre, key = part_prefix(i, "prefix_gate"), f"layers.{i}.prefix_gate"
-        qkv_matmul = next(n for n in g.node if n.name == f"/model/layers.{i}/attn/qkv_proj/MatMul")
-        x, qkv, out = qkv_matmul.input[0], node.input[0], node.output[0]
+        qkv_matmul = names[f"/model/layers.{i}/attn/qkv_proj/MatMul"]
+        # the packed q/k/v before any q/k norm: attention's first input, or what the builder splits ahead of the norms
+        split = names.get(f"/model/layers.{i}/attn/qkv_proj/Split")
+        if not (node.input[1] or node.input[2]):
+            qkv = node.input[0]
+        elif split is not None:
+            qkv = split.input[0]
+        else:
+            raise EdgepeftError(f"[export] a gated prefix needs layer {i}'s packed q/k/v (qkv_proj/MatMul)")
+        x, out = qkv_matmul.input[0], node.output[0]
         k = np.repeat(kv[i, 0], heads // kv_heads, 0)  # [heads, tokens, dim]
         v = np.repeat(kv[i, 1], heads // kv_heads, 0)
 
@@ -342,14 +364,16 @@ def insert_prompt(model, embeddings: np.ndarray) -> int:
     head = next((n for n in g.node if n.name == "/lm_head/MatMul"), None)
     if embed is None or head is None:
         raise EdgepeftError("[export] a soft prompt needs the graph's /model/embed_tokens/Gather and /lm_head/MatMul")
-    ahead = _Ahead(model, tokens, width, PROMPT)
-    emb = embed.output[0]
+    ahead = _Ahead(model, tokens, PROMPT)
+    # after the embedding's scale where the model has one (Gemma): the soft prompt's rows are not scaled
+    scaled = next((n for n in g.node if n.op_type == "Mul" and n.name == "/model/embed_tokens/Mul"), None)
+    emb = (scaled or embed).output[0]
     before, rows = ahead.rows_before(emb, embeddings, "embeddings")
     for node in g.node:
         for k, name in enumerate(node.input):
             if name == emb:
                 node.input[k] = rows
-    at = list(g.node).index(embed) + 1
+    at = list(g.node).index(scaled or embed) + 1
     for n in reversed(before):
         g.node.insert(at, n)
     dropped = f"{PROMPT}/head_input"

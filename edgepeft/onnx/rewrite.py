@@ -78,3 +78,25 @@ def quantize_gathers(model, target):
     return quantizer.model.model
 
 
+
+
+def exact_embed_scale(model, scale: float) -> bool:
+    """Give the token rows' scale (Gemma: sqrt(hidden)) its exact fp32 value: the builder writes it rounded to
+    two decimals (25.30 for 25.2982 on Gemma 3 270M, a 7e-5 relative error on every embedding), where
+    transformers multiplies by the value itself. Returns False when the graph does not scale its embeddings."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    mul = next((n for n in g.node if n.op_type == "Mul" and n.name == f"{EMBED}/Mul"), None)
+    if mul is None:
+        return False
+    name = f"{EMBED}/exact_scale"
+    g.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), name))
+    old = mul.input[1]
+    mul.input[1] = name
+    if not any(old in n.input for n in g.node):
+        for init in [i for i in g.initializer if i.name == old]:
+            g.initializer.remove(init)
+        for node in [n for n in g.node if n.op_type == "Constant" and old in n.output]:
+            g.node.remove(node)
+    return True

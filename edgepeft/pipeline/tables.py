@@ -19,6 +19,10 @@ from edgepeft.quality.gate import EvaluateConfig
 @dataclass
 class ModelConfig:
     source: str = DEFAULT_MODEL
+    # How chat data and the bundle's prompts are laid out: "own" (the tokenizer's chat template), "plain"
+    # (edgepeft's: the system text, then "User: ..." and "Assistant: ..." lines; for base models, which have none)
+    # or "auto" (own if the tokenizer has one, else plain)
+    chat_template: Literal["auto", "own", "plain"] = "auto"
 
     def check(self) -> str | None:
         return None if self.source.strip() else "source must not be empty"

@@ -163,19 +163,37 @@ def search_dirs(base_dir: Path | None) -> list[Path]:
     return dirs
 
 
-def load(spec: str, base_dir: Path | None = None) -> Target:
-    """A target by name (``targets/<name>.toml``, searched next to the recipe and in the working folder)
-    or by path to a TOML file."""
+def _path(spec: str, base_dir: Path | None) -> Path:
     if spec.endswith(".toml"):
         path = Path(spec)
         if base_dir is not None and not path.is_absolute() and not path.exists():
             path = base_dir / path
-    else:
-        found = [d / f"{spec}.toml" for d in search_dirs(base_dir) if (d / f"{spec}.toml").is_file()]
-        if not found:
-            known = sorted({p.stem for d in search_dirs(base_dir) if d.is_dir() for p in d.glob("*.toml")})
-            raise EdgepeftError(f"unknown target {spec!r} (known: {', '.join(known) or 'none found'})")
-        path = found[0]
+        return path
+    found = [d / f"{spec}.toml" for d in search_dirs(base_dir) if (d / f"{spec}.toml").is_file()]
+    if not found:
+        known = sorted({p.stem for d in search_dirs(base_dir) if d.is_dir() for p in d.glob("*.toml")})
+        raise EdgepeftError(f"unknown target {spec!r} (known: {', '.join(known) or 'none found'})")
+    return found[0]
+
+
+def _table(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A target file's keys over those of the target it ``extends`` (a name, or a path next to it)."""
     table = load_toml(path)
-    table.setdefault("name", path.stem)
+    parent = table.pop("extends", None)
+    if parent is None:
+        return table
+    if not isinstance(parent, str) or not parent:
+        raise EdgepeftError(f"{path}: extends must be a target name or a .toml path, got {parent!r}")
+    base = _path(parent, path.parent) if parent.endswith(".toml") else _path(parent, path.parent.parent)
+    if base.resolve() in seen or base.resolve() == path.resolve():
+        raise EdgepeftError(f"{path}: extends {parent!r}, which extends it back")
+    return {**_table(base, (*seen, path.resolve())), **table}
+
+
+def load(spec: str, base_dir: Path | None = None) -> Target:
+    """A target by name (``targets/<name>.toml``, searched next to the recipe and in the working folder)
+    or by path to a TOML file; a target may ``extends = "<name>"`` another and change some of its keys."""
+    path = _path(spec, base_dir)
+    table = _table(path)
+    table["name"] = load_toml(path).get("name", path.stem)  # its own name, never the one it extends
     return from_table(Target, table, str(path))

@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> None:
     seconds = build_onnx(merged_dir, out, "fp32", cache_dir=ctx.out / ".cache")
     shutil.rmtree(ctx.out / ".cache", ignore_errors=True)
     model_file = out / MODEL
-    added = _add_unmerged(merged_dir, out)
+    added = _rewrite(merged_dir, out)
     opset = opset_of(model_file)
     if opset > target.opset:
         raise EdgepeftError(f"[export] the graph needs ai.onnx opset {opset}, target {target.name} supports up to "
@@ -69,24 +69,35 @@ def run(ctx: StageContext) -> None:
                             f"more than max_logit_diff = {cfg.max_logit_diff:g}")
 
 
-def _add_unmerged(merged_dir, out) -> int:
-    """Put the merge folder's unmerged adapters into the graph; the number of nodes added (0: none)."""
-    spec = adapters.unmerged_spec(merged_dir)
-    if spec is None:
-        return 0
+def _rewrite(merged_dir, out) -> int:
+    """What the builder's graph lacks, added in place: the merge folder's unmerged adapters and, for a model
+    that scales its token rows (Gemma), the exact scale. The number of adapter nodes added (0: none)."""
     import onnx
-    from safetensors.numpy import load_file
     from transformers import AutoConfig
 
+    from edgepeft.models.families import family_of
+    from edgepeft.onnx.rewrite import exact_embed_scale
+
+    config = AutoConfig.from_pretrained(merged_dir)
+    family = family_of(config)
+    spec = adapters.unmerged_spec(merged_dir)
+    if spec is None and family.embed_scale is None:
+        return 0
     graph = onnx.load(str(out / MODEL))
-    added = insert_unmerged(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)),
-                            AutoConfig.from_pretrained(merged_dir))
-    # positions put in the KV cache ahead of the sequence (a gated prefix is attended apart, not cached)
-    ahead = (spec.get("prompt") or {}).get("tokens", 0)
-    if spec.get("prefix") and not spec["prefix"].get("gated"):
-        ahead = spec["prefix"]["tokens"]
-    if ahead:
-        shorten_context(out / "genai_config.json", ahead)
+    if family.embed_scale is not None:
+        exact_embed_scale(graph, family.embed_scale)
+    added = 0
+    if spec is not None:
+        from safetensors.numpy import load_file
+
+        added = insert_unmerged(graph, spec, load_file(str(merged_dir / adapters.UNMERGED / adapters.WEIGHTS)),
+                                config)
+        # positions put in the KV cache ahead of the sequence (a gated prefix is attended apart, not cached)
+        ahead = (spec.get("prompt") or {}).get("tokens", 0)
+        if spec.get("prefix") and not spec["prefix"].get("gated"):
+            ahead = spec["prefix"]["tokens"]
+        if ahead:
+            shorten_context(out / "genai_config.json", ahead)
     for f in out.glob(f"{MODEL}*"):
         f.unlink()
     save_graph(graph, out)

@@ -108,12 +108,32 @@ def run(ctx: StageContext) -> None:
 
 def preflight(recipe) -> None:
     adapter, block, name = recipe.adapter, recipe.target.block_size, recipe.target.name
+    _check_widths(recipe, block, name)
     if adapter.method in ("adapter", "unipelt") and adapter.bottleneck % block:
         raise EdgepeftError(f"[adapter] bottleneck {adapter.bottleneck} must be a multiple of target {name}'s "
                             f"block_size {block} (its up-projection is quantized block-wise)")
     if (adapter.method == "lora" and adapter.gated or adapter.method == "unipelt") and padded_rank(adapter.r) % block:
         raise EdgepeftError(f"[adapter] gated LoRA's rank is padded to a multiple of {RANK_QUANTUM} in the graph; "
                             f"target {name}'s block_size {block} must divide it (r = {adapter.r}): use r = {block}")
+
+
+def _check_widths(recipe, block: int, name: str) -> None:
+    """Every weight's input width (what its blocks run along) is a multiple of the target's block_size."""
+    import math
+
+    from edgepeft.models.sources import load_config, resolve
+
+    config = load_config(resolve(recipe.model.source, recipe.base_dir))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+              "num_attention_heads x head_dim": config.num_attention_heads * head_dim}
+    bad = [(k, w) for k, w in widths.items() if w % block]
+    if bad:
+        g = math.gcd(*widths.values())
+        fits = max((b for b in (16, 32, 64, 128, 256) if g % b == 0), default=None)
+        hint = f"a target with block_size {fits}" if fits else "a model whose widths are multiples of 16"
+        raise EdgepeftError(f"[requantize] the model's {bad[0][0]} {bad[0][1]} is not a multiple of target {name}'s "
+                            f"block_size {block} (int4 blocks run along it): use {hint}")
 
 
 STAGE = Stage("requantize", run, sections=("requantize", "precision", "evaluate"), reads=("export", "train"),

@@ -32,6 +32,12 @@ from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
 
 def preflight(recipe) -> None:
+    from edgepeft.models.families import adapter_problem, family_of
+    from edgepeft.models.sources import load_config, resolve
+
+    problem = adapter_problem(recipe.adapter, family_of(load_config(resolve(recipe.model.source, recipe.base_dir))))
+    if problem:
+        raise EdgepeftError(f"[adapter] {problem}")
     cfg = recipe.train
     splits = recipe_splits(recipe)
     if len(splits["train"]) < cfg.batch_size:
