@@ -53,10 +53,10 @@ def _expected(spec: dict) -> dict:
             out["nodes"] += 2 * 11
             out["matmuls"] += 2
         else:
-            out["nodes"] += 10 + 4 * 2  # the first-forward test and shifted lengths, then rows in/out per layer
+            out["nodes"] += 9 + 5 * 2  # the first-forward test and shifted lengths, then rows in/out per layer
     if spec.get("prompt"):
         out["trainable"] += spec["prompt"]["tokens"] * 64
-        out["nodes"] += 10 + 3 + 1  # the same, then rows ahead of the embeddings and dropped before the head
+        out["nodes"] += 9 + 4 + 1  # the same, then rows ahead of the embeddings and dropped before the head
     return out
 
 
@@ -124,7 +124,7 @@ def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path,
 
     from edgepeft.onnx.builder import build_onnx
     from edgepeft.onnx.decoder import Decoder, decode_logits
-    from edgepeft.stages.export import _add_unmerged
+    from edgepeft.stages.export import _rewrite
 
     trained = _with_random_adapters(_plain(tiny_model_dir), SPECS[name])
     adapters.save(trained, tmp_path / "adapter")
@@ -140,7 +140,7 @@ def test_exported_graph_computes_the_unmerged_adapters(tiny_model_dir, tmp_path,
     out = tmp_path / "onnx"
     build_onnx(merged_dir, out, "fp32", cache_dir=tmp_path / "cache")
     without = Decoder(out / "model.onnx").prefill(ids)[0]
-    added = _add_unmerged(merged_dir, out)
+    added = _rewrite(merged_dir, out)
     assert added == _expected(SPECS[name])["nodes"]
     decoder = Decoder(out / "model.onnx")
     assert np.abs(decoder.prefill(ids)[0] - reference).max() < 1e-4
