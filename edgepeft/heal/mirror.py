@@ -209,7 +209,7 @@ class Mirror:
 
         from edgepeft.adapters import api as adapters
         from edgepeft.adapters.bottleneck import Bottleneck
-        from edgepeft.adapters.lora import packed_slice
+        from edgepeft.adapters.lora import head_dim, packed_slice
         from edgepeft.adapters.prefix import PrefixGate
         from edgepeft.onnx.adapters import part_prefix
 
@@ -225,7 +225,7 @@ class Mirror:
         packed = {name: getattr(model.get_submodule(f"model.layers.0.{sub}"), name).out_features
                   for sub, names in (("self_attn", family.attention), ("mlp", family.mlp))
                   for name in names if name in PACKED}
-        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        hd = head_dim(config)
         q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
         self.linears: dict[str, list[tuple[QuantLinear, int, int]]] = {}  # node -> (module, first row, rows)
         pieces: dict[str, list[tuple[int, QuantLinear, str]]] = {}  # a packed module -> (its first row, piece, node)

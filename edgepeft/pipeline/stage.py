@@ -46,6 +46,7 @@ class StageContext:
     options: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
+    outside: dict[str, str | None] = field(default_factory=dict)  # the hashes of its declared outside files
 
     def input(self, stage: str) -> Path:
         """The finished folder of ``stage`` (one this stage declared it reads)."""

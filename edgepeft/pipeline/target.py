@@ -187,7 +187,8 @@ def _table(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = _path(parent, path.parent) if parent.endswith(".toml") else _path(parent, path.parent.parent)
     if base.resolve() in seen or base.resolve() == path.resolve():
         raise EdgepeftError(f"{path}: extends {parent!r}, which extends it back")
-    return {**_table(base, (*seen, path.resolve())), **table}
+    inherited = {k: v for k, v in _table(base, (*seen, path.resolve())).items() if k != "name"}
+    return {**inherited, **table}
 
 
 def load(spec: str, base_dir: Path | None = None) -> Target:
@@ -195,5 +196,5 @@ def load(spec: str, base_dir: Path | None = None) -> Target:
     or by path to a TOML file; a target may ``extends = "<name>"`` another and change some of its keys."""
     path = _path(spec, base_dir)
     table = _table(path)
-    table["name"] = load_toml(path).get("name", path.stem)  # its own name, never the one it extends
+    table.setdefault("name", path.stem)  # its own name, never the one it extends
     return from_table(Target, table, str(path))

@@ -22,17 +22,15 @@ def model_files(recipe) -> dict[str, list]:
     return {"model.source": resolve(recipe.model.source, recipe.base_dir).files()}
 
 
-def converted_folder(source) -> Path | None:
-    """Where a GGUF source's conversion to a Hugging Face folder is cached: keyed by the file's sha256 and the
-    transformers version (converting Gemma 3's 262k-token tokenizer alone takes minutes). None for other sources."""
-    if not source.gguf_file:
+def converted_folder(source, file_hash: str | None) -> Path | None:
+    """Where a GGUF source's conversion to a Hugging Face folder is cached: keyed by the file's hash (the one the
+    stage's fingerprint took) and the transformers version (converting Gemma 3's 262k-token tokenizer alone takes
+    minutes). None for other sources."""
+    if not source.gguf_file or not file_hash:
         return None
     import transformers
 
-    from edgepeft.core.files import sha256_file
-
-    key = f"{sha256_file(source.path / source.gguf_file)[:24]}-transformers-{transformers.__version__}"
-    return cache_dir() / "converted" / key
+    return cache_dir() / "converted" / f"{file_hash[:24]}-transformers-{transformers.__version__}"
 
 
 def run(ctx: StageContext) -> None:
@@ -45,7 +43,7 @@ def run(ctx: StageContext) -> None:
 
     source = resolve(ctx.config.source, ctx.recipe.base_dir)
     config = load_config(source)
-    cached = converted_folder(source)
+    cached = converted_folder(source, ctx.outside.get("model.source"))
     if cached is not None and (cached / "config.json").is_file():
         print(f"  converted before: {cached}")
         tokenizer = AutoTokenizer.from_pretrained(cached)

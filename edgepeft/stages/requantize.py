@@ -121,12 +121,12 @@ def _check_widths(recipe, block: int, name: str) -> None:
     """Every weight's input width (what its blocks run along) is a multiple of the target's block_size."""
     import math
 
+    from edgepeft.adapters.lora import head_dim
     from edgepeft.models.sources import load_config, resolve
 
     config = load_config(resolve(recipe.model.source, recipe.base_dir))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-              "num_attention_heads x head_dim": config.num_attention_heads * head_dim}
+              "num_attention_heads x head_dim": config.num_attention_heads * head_dim(config)}
     bad = [(k, w) for k, w in widths.items() if w % block]
     if bad:
         g = math.gcd(*widths.values())
