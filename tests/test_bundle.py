@@ -261,3 +261,40 @@ def test_int8_target_quantizes_closer_to_fp32_than_int4(run, tmp_path):
         assert done["embedding"] == f"shared with the head, {weights}"
         diffs[weights] = float(np.abs(Decoder(out / "model.onnx").prefill(ids)[0] - ref).max())
     assert 0 < diffs["int8"] < diffs["int4"] / 4
+
+
+def test_a_sentencepiece_bpe_vocabulary_becomes_bpe_that_onnxruntime_genai_reads(run, tmp_path):
+    """A GGUF SentencePiece BPE vocabulary (Gemma's) comes out of transformers as a Unigram model, which
+    segments by best total score and which onnxruntime-genai cannot load; rebuilt as BPE it merges by rank,
+    and onnxruntime-genai encodes like Hugging Face."""
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer, normalizers
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    from edgepeft.models.sources import _sentencepiece_bpe
+
+    # "ab" is the first merge, "bc" the second; Unigram prefers a + bc (scores -1 -2) to ab + c (-1 -50)
+    pieces = [("<pad>", -1000.0), ("<eos>", -1000.0), ("<bos>", -1000.0), ("<unk>", -1000.0),
+              *((f"<0x{b:02X}>", 0.0) for b in range(256)),
+              ("ab", -1.0), ("bc", -2.0), ("▁", -3.0), ("a", -1.0), ("b", -50.0), ("c", -50.0)]
+    backend = Tokenizer(Unigram(pieces, unk_id=3, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    uni = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    ids = {p: i for i, (p, _) in enumerate(pieces)}
+    assert uni("abc", add_special_tokens=False)["input_ids"] == [ids["a"], ids["bc"]]
+    bpe = _sentencepiece_bpe(uni, json.loads(uni.backend_tokenizer.to_str()))
+    text = "abc ab\tc"  # a tab has no piece: byte fallback
+    expect = [ids["ab"], ids["c"], ids["▁"], ids["ab"], ids["<0x09>"], ids["c"]]
+    assert bpe(text, add_special_tokens=False)["input_ids"] == expect
+    assert bpe.decode(expect) == text and bpe.eos_token == "<eos>"
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(run["bundle"], folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / f).unlink(missing_ok=True)
+    bpe.save_pretrained(folder)
+    og_tok = og.Tokenizer(og.Model(str(folder)))
+    og_tok.update_options(add_special_tokens="false")
+    assert [int(i) for i in og_tok.encode(text)] == expect

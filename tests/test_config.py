@@ -88,7 +88,7 @@ def test_shipped_recipes_differ_only_in_name_and_target():
     for section in ("model", "quantize", "adapter", "train", "merge", "export", "requantize", "evaluate"):
         assert a.section(section) == i.section(section) == c.section(section), section
     assert a.target.precision == i.target.precision != c.target.precision  # desktop int4 has zero points
-    assert a.target.opset_keys == c.target.opset_keys
+    assert a.target.graph_keys == c.target.graph_keys
 
 
 @pytest.mark.parametrize("table, words", [

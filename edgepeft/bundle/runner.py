@@ -63,9 +63,12 @@ class Runner:
         self.context_length = context_length(self.folder / "genai_config.json")  # the config og.Model just read
 
     def prompt_ids(self, messages: list[tuple[str, str]] | None = None, text: str | None = None) -> list[int]:
+        """As the fine-tune saw them (``calib.data.prompt_ids``): a chat template writes its own special tokens
+        (Gemma's plain one starts with <bos>, which the tokenizer would add again), plain text gets the tokenizer's."""
         if messages is not None:
             chat = json.dumps([{"role": r, "content": c} for r, c in messages])
             text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+        self.tokenizer.update_options(add_special_tokens="false" if messages is not None else "true")
         return [int(t) for t in self.tokenizer.encode(text)]
 
     def generate(self, ids: list[int], max_new_tokens: int = 48) -> Answer:

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     builder_dir = run.scratch("bench") / "builder-int4"
     if not (builder_dir / "model.onnx").is_file():
         print("building the reference: onnxruntime-genai model builder, int4, CPU ...", flush=True)
-        seconds = build_onnx(merged, builder_dir, "int4", cache_dir=run.scratch("bench") / "cache")
+        seconds = build_onnx(merged, builder_dir, "int4", cache_dir=run.scratch("bench") / "cache",
+                             context=manifest["target"].get("context"))
         print(f"  built in {seconds:.1f} s")
 
     def size(files):

@@ -251,6 +251,11 @@ def load_tokenizer(source: ModelSource):
     token (SmolLM2's file says eos = ``<|im_end|>``, the conversion says ``<|im_start|>``). Hugging Face code
     copes, but onnxruntime-genai reads ``tokenizer.json`` literally and then maps most text to unknown ids.
     The repaired tokenizer encodes text to the same ids and is what every later stage and the bundle use.
+
+    A SentencePiece BPE vocabulary (Gemma's: pieces with scores, no merges in the file) comes out as a
+    Unigram model, which onnxruntime-genai cannot load ("type must be object, but is array") and which
+    segments text unlike the model was trained (36 tokens where Gemma's own tokenizer makes 26): it is
+    rebuilt as BPE, its merges ranked by the pieces' scores as transformers does for SentencePiece files.
     """
     from transformers import AutoTokenizer
 
@@ -260,6 +265,27 @@ def load_tokenizer(source: ModelSource):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _sentencepiece_bpe(tok, backend: dict):
+    """``tok`` (a Unigram model of a SentencePiece BPE vocabulary) as the BPE model it stands for: same pieces
+    and ids, byte fallback, merges ranked by score; normalizer, pre-tokenizer and special tokens kept."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    pieces = backend["model"]["vocab"]  # [piece, score] in id order; a BPE piece's score is minus its rank
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    merges = generate_merges(vocab, dict(pieces))
+    backend["model"] = {"type": "BPE", "dropout": None, "unk_token": pieces[backend["model"]["unk_id"]][0],
+                        "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                        "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                        "merges": [list(m) for m in merges]}
+    return type(tok)(tokenizer_object=Tokenizer.from_str(json.dumps(backend)), bos_token=tok.bos_token,
+                     eos_token=tok.eos_token, pad_token=tok.pad_token, unk_token=tok.unk_token,
+                     chat_template=tok.chat_template, add_bos_token=getattr(tok, "add_bos_token", True),
+                     model_max_length=tok.model_max_length)
 
 
 def _repair_gguf_tokenizer(tok, path: Path):
@@ -278,9 +304,12 @@ def _repair_gguf_tokenizer(tok, path: Path):
         value = f.parts[f.data[0]]
         return bytes(value).decode() if key == "tokenizer.ggml.model" else int(value[0])
 
-    if meta("tokenizer.ggml.model") != "gpt2":
-        return tok
+    kind = meta("tokenizer.ggml.model")
     backend = json.loads(tok.backend_tokenizer.to_str())
+    if kind == "llama" and backend["model"]["type"] == "Unigram":
+        return _sentencepiece_bpe(tok, backend)
+    if kind != "gpt2":
+        return tok
     backend["model"]["byte_fallback"] = False
     backend["decoder"] = json.loads(decoders.ByteLevel().__getstate__())
     backend["post_processor"] = json.loads(processors.ByteLevel(trim_offsets=False).__getstate__())

@@ -35,11 +35,16 @@ def save_graph(model, out) -> None:
     onnx.save(model, str(out / MODEL), save_as_external_data=large, location=f"{MODEL}.data")
 
 
-def build_onnx(model_dir, out_dir, precision: str = "fp32", cache_dir=None, extra: dict | None = None) -> float:
+def build_onnx(model_dir, out_dir, precision: str = "fp32", cache_dir=None, extra: dict | None = None,
+               context: int | None = None) -> float:
     """Run the model builder on a Hugging Face folder; returns its seconds. Fails with the builder's last
-    line if it fails."""
+    line if it fails. ``context``: the most tokens the graph's rotary tables and the runtime's KV cache are
+    sized for, when below the model's own maximum (the builder reads it from ``max_position_embeddings``)."""
+    cache_dir = cache_dir or (out_dir.parent / ".builder-cache")
+    if context:
+        model_dir = _with_context(model_dir, cache_dir / "source", context)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
-           "-p", precision, "-e", "cpu", "-c", str(cache_dir or (out_dir.parent / ".builder-cache"))]
+           "-p", precision, "-e", "cpu", "-c", str(cache_dir)]
     if extra:
         cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -49,6 +54,25 @@ def build_onnx(model_dir, out_dir, precision: str = "fp32", cache_dir=None, extr
         lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
         raise EdgepeftError(f"[export] the ONNX model builder failed: {lines[-1] if lines else 'no output'}")
     return time.time() - t0
+
+
+def _with_context(model_dir, staging, context: int):
+    """``model_dir`` as the builder should see it for a ``context``-token target: the same files (linked) with
+    ``max_position_embeddings`` capped in config.json; ``model_dir`` itself when the model's own is smaller."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("max_position_embeddings", context + 1) <= context:
+        return model_dir
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in Path(model_dir).iterdir():
+        if f.name != "config.json":
+            (staging / f.name).symlink_to(f.resolve())
+    (staging / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context}, indent=2))
+    return staging
 
 
 def opset_of(model_file) -> int:

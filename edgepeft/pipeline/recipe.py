@@ -59,9 +59,9 @@ class Recipe:
         return self.path.parent if self.path else None
 
     @property
-    def target_opset(self):
-        """The target's opset: the only target key the export stage reads."""
-        return self.target.opset_keys
+    def target_graph(self):
+        """The target's opset and context: the only target keys the export stage reads."""
+        return self.target.graph_keys
 
     @property
     def precision(self):

@@ -28,11 +28,12 @@ READINESS = ("nnapi", "coreml", "xnnpack")
 
 
 @dataclass
-class Opset:
-    """The one key of a target the export stage reads (its fingerprint), so every target with the same opset
-    shares the fp32 graph."""
+class Graph:
+    """The keys of a target the export stage reads (its fingerprint), so every target with the same opset and
+    context shares the fp32 graph."""
 
     opset: int
+    context: int | None
 
 
 @dataclass
@@ -94,6 +95,10 @@ class Target:
     activations: Literal["int8", "fp32"] = "int8"
     quantize_embedding: bool = True
     max_bundle_mb: float | None = None
+    # The longest sequence (prompt and answer, in tokens) the app runs; None: the model's own maximum. The
+    # graph's rotary tables and onnxruntime-genai's KV cache are sized for it, so a model made for 32k tokens
+    # (Gemma 3: 67 MB of cos/sin tables, 1.2 GB of fp32 KV cache) ships at what the phone needs.
+    context: int | None = None
     providers: list[str] = field(default_factory=lambda: ["cpu"])  # execution providers, preferred first
     # Mobile execution providers the readiness report assesses (edgepeft.bundle.readiness): which nodes each
     # would take. Non-empty makes the target a mobile one; such a bundle must ship the ORT format.
@@ -111,6 +116,8 @@ class Target:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             return f"formats must be a non-empty list of {', '.join(FORMATS)} (got {self.formats})"
+        if self.context is not None and self.context < 64:
+            return f"context must be at least 64 tokens (got {self.context})"
         if self.threads < 1:
             return "threads must be at least 1"
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -130,8 +137,8 @@ class Target:
         return None
 
     @property
-    def opset_keys(self) -> Opset:
-        return Opset(self.opset)
+    def graph_keys(self) -> Graph:
+        return Graph(self.opset, self.context)
 
     @property
     def precision(self) -> Precision:

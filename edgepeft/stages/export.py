@@ -34,7 +34,7 @@ def run(ctx: StageContext) -> None:
     target = ctx.recipe.target
     merged_dir = ctx.artifact("merge")
     out = ctx.output
-    seconds = build_onnx(merged_dir, out, "fp32", cache_dir=ctx.out / ".cache")
+    seconds = build_onnx(merged_dir, out, "fp32", cache_dir=ctx.out / ".cache", context=target.context)
     shutil.rmtree(ctx.out / ".cache", ignore_errors=True)
     model_file = out / MODEL
     added = _rewrite(merged_dir, out)
@@ -115,6 +115,6 @@ def preflight(recipe) -> None:
                             f"supports up to {recipe.target.opset}")
 
 
-STAGE = Stage("export", run, sections=("export", "target_opset"), reads=("merge",), preflight=preflight,
+STAGE = Stage("export", run, sections=("export", "target_graph"), reads=("merge",), preflight=preflight,
               files=lambda recipe: user_files(recipe, "merge", "eval_text"), shared=True,
               description="export the merged model to fp32 ONNX with a KV cache, check it against PyTorch")

@@ -22,15 +22,20 @@ def model_files(recipe) -> dict[str, list]:
     return {"model.source": resolve(recipe.model.source, recipe.base_dir).files()}
 
 
+# The version of edgepeft's own part of a GGUF conversion (the tokenizer repairs in models.sources): a change
+# there bumps it, so no cached folder from before is reused (2: SentencePiece BPE vocabularies rebuilt as BPE).
+CONVERSION = 2
+
+
 def converted_folder(source, file_hash: str | None) -> Path | None:
     """Where a GGUF source's conversion to a Hugging Face folder is cached: keyed by the file's hash (the one the
-    stage's fingerprint took) and the transformers version (converting Gemma 3's 262k-token tokenizer alone takes
-    minutes). None for other sources."""
+    stage's fingerprint took), the transformers version (converting Gemma 3's 262k-token tokenizer alone takes
+    minutes) and ``CONVERSION``. None for other sources."""
     if not source.gguf_file or not file_hash:
         return None
     import transformers
 
-    return cache_dir() / "converted" / f"{file_hash[:24]}-transformers-{transformers.__version__}"
+    return cache_dir() / "converted" / f"{file_hash[:24]}-transformers-{transformers.__version__}-c{CONVERSION}"
 
 
 def run(ctx: StageContext) -> None:
