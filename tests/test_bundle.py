@@ -263,32 +263,62 @@ def test_int8_target_quantizes_closer_to_fp32_than_int4(run, tmp_path):
     assert 0 < diffs["int8"] < diffs["int4"] / 4
 
 
+def test_a_target_can_keep_the_head_and_its_shared_table_at_int8(run, tmp_path):
+    """``head = "int8"`` (Gemma 3's 262k-token table): the head's MatMul and the token table read from it are
+    8-bit, every other MatMul the target's int4; the graph runs and is closer to fp32 than all-int4."""
+    import onnx
+
+    from edgepeft.onnx.mixed import quantize
+    from edgepeft.pipeline.target import Target
+
+    src, fp32 = run["out"] / "requantize" / "model", run["out"] / "export" / "model" / "model.onnx"
+    ids = list(range(200, 232))
+    ref = Decoder(fp32).prefill(ids)[0]
+    diffs = {}
+    for head in ("same", "int8"):
+        out = tmp_path / head
+        out.mkdir()
+        shutil.copy(src / "genai_config.json", out / "genai_config.json")
+        done = quantize(fp32, out / "model.onnx", Target("t", head=head))
+        graph = onnx.load(str(out / "model.onnx"))
+        bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.graph.node
+                if n.op_type == "MatMulNBits"}
+        assert {b for n, b in bits.items() if not n.startswith("/lm_head")} == {4}
+        assert [b for n, b in bits.items() if n.startswith("/lm_head")] == [8 if head == "int8" else 4]
+        assert done["embedding"] == f"shared with the head, {'int8' if head == 'int8' else 'int4'}"
+        diffs[head] = float(np.abs(Decoder(out / "model.onnx").prefill(ids)[0] - ref).max())
+    assert diffs["int8"] < diffs["same"]
+
+
 def test_a_sentencepiece_bpe_vocabulary_becomes_bpe_that_onnxruntime_genai_reads(run, tmp_path):
     """A GGUF SentencePiece BPE vocabulary (Gemma's) comes out of transformers as a Unigram model, which
     segments by best total score and which onnxruntime-genai cannot load; rebuilt as BPE it merges by rank,
     and onnxruntime-genai encodes like Hugging Face."""
     import onnxruntime_genai as og
-    from tokenizers import Tokenizer, normalizers
+    from tokenizers import Tokenizer, decoders, normalizers
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
 
     from edgepeft.models.sources import _sentencepiece_bpe
 
-    # "ab" is the first merge, "bc" the second; Unigram prefers a + bc (scores -1 -2) to ab + c (-1 -50)
+    # "ab" is the first merge, "bc" the second; Unigram prefers a + bc (scores -1 -2) to ab + c (-1 -50); the
+    # byte piece <0x0A> comes renamed to a newline, as transformers renames Gemma's <0x09> to a tab
     pieces = [("<pad>", -1000.0), ("<eos>", -1000.0), ("<bos>", -1000.0), ("<unk>", -1000.0),
-              *((f"<0x{b:02X}>", 0.0) for b in range(256)),
-              ("ab", -1.0), ("bc", -2.0), ("▁", -3.0), ("a", -1.0), ("b", -50.0), ("c", -50.0)]
+              *((f"<0x{b:02X}>" if b != 10 else "\n", 0.0) for b in range(256)),
+              ("ab", -1.0), ("bc", -2.0), ("▁", -3.0), ("a", -1.0), ("b", -50.0), ("c", -50.0), ("\n", -1000.0)]
     backend = Tokenizer(Unigram(pieces, unk_id=3, byte_fallback=True))
-    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.normalizer = normalizers.Replace(" ", "▁")  # Gemma's normalizer and decoder
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     uni = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
                                   pad_token="<pad>", unk_token="<unk>")
-    ids = {p: i for i, (p, _) in enumerate(pieces)}
+    ids = {p: i for i, (p, _) in enumerate(pieces)}  # "\n": the last one
     assert uni("abc", add_special_tokens=False)["input_ids"] == [ids["a"], ids["bc"]]
-    bpe = _sentencepiece_bpe(uni, json.loads(uni.backend_tokenizer.to_str()))
-    text = "abc ab\tc"  # a tab has no piece: byte fallback
-    expect = [ids["ab"], ids["c"], ids["▁"], ids["ab"], ids["<0x09>"], ids["c"]]
+    bpe = _sentencepiece_bpe(uni, json.loads(uni.backend_tokenizer.to_str()), {4 + 10: "<0x0A>"})
+    text = "abc ab\tc\n"  # a tab has no piece: byte fallback
+    expect = [ids["ab"], ids["c"], ids["▁"], ids["ab"], ids["<0x09>"], ids["c"], ids["\n"]]
     assert bpe(text, add_special_tokens=False)["input_ids"] == expect
     assert bpe.decode(expect) == text and bpe.eos_token == "<eos>"
+    assert bpe.convert_ids_to_tokens(4 + 10) == "<0x0A>" and bpe.decode([4 + 10]) == "\n"  # the byte is back
 
     folder = tmp_path / "bundle"
     shutil.copytree(run["bundle"], folder)

@@ -207,11 +207,32 @@ def test_a_target_extends_another_and_changes_some_keys(tmp_path):
     from edgepeft.pipeline import target as target_mod
 
     base, large = target_mod.load("android-arm64"), target_mod.load("android-arm64-large")
-    assert (large.name, large.block_size, large.max_bundle_mb) == ("android-arm64-large", 128, 200)
+    assert (large.name, large.head, large.context, large.max_bundle_mb) == ("android-arm64-large", "int8", 4096, 270)
     changed = {k for k, v in asdict(large).items() if asdict(base)[k] != v}
-    assert changed == {"name", "block_size", "max_bundle_mb"}
+    assert changed == {"name", "head", "context", "max_bundle_mb"}
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "a.toml").write_text('extends = "b"\nthreads = 1\n')
     (tmp_path / "targets" / "b.toml").write_text('extends = "a"\n')
     with pytest.raises(EdgepeftError, match="extends 'a', which extends it back"):
         target_mod.load(str(tmp_path / "targets" / "a.toml"))
+
+
+def test_a_targets_context_sizes_the_graphs_rotary_tables_and_the_kv_cache(tmp_path, tiny_model_dir):
+    """The builder sizes both from max_position_embeddings (Gemma 3: 32k, 67 MB of cos/sin tables): a target's
+    context below the model's caps them; one above it changes nothing; the model folder is left as it was."""
+    import onnx
+
+    from edgepeft.onnx.builder import MODEL, build_onnx
+
+    config = (tiny_model_dir / "config.json").read_text()
+    lengths = {}
+    for context in (None, 128, 4096):
+        out = tmp_path / str(context)
+        build_onnx(tiny_model_dir, out, "fp32", cache_dir=tmp_path / f"cache-{context}", context=context)
+        model = onnx.load(str(out / MODEL), load_external_data=False)
+        rows = {i.dims[0] for i in model.graph.initializer if "cos_cache" in i.name}
+        genai = json.loads((out / "genai_config.json").read_text())
+        lengths[context] = (rows, genai["model"]["context_length"], genai["search"]["max_length"])
+    assert lengths[None] == lengths[4096] == ({512}, 512, 512)
+    assert lengths[128] == ({128}, 128, 128)
+    assert (tiny_model_dir / "config.json").read_text() == config

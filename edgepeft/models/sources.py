@@ -267,25 +267,33 @@ def load_tokenizer(source: ModelSource):
     return tok
 
 
-def _sentencepiece_bpe(tok, backend: dict):
+BYTE_TOKEN = 6  # GGUF's tokenizer.ggml.token_type of a byte-fallback piece (<0x00> .. <0xFF>)
+
+
+def _sentencepiece_bpe(tok, backend: dict, byte_pieces: dict[int, str]):
     """``tok`` (a Unigram model of a SentencePiece BPE vocabulary) as the BPE model it stands for: same pieces
-    and ids, byte fallback, merges ranked by score; normalizer, pre-tokenizer and special tokens kept."""
+    and ids, byte fallback, merges ranked by score; normalizer, pre-tokenizer and special tokens kept.
+    ``byte_pieces``: the byte-fallback pieces by id, as the file names them (transformers renames <0x09> to a
+    tab, which Gemma also has as a piece of its own: BPE's byte fallback would lose the byte)."""
     import json
 
     from tokenizers import Tokenizer
     from transformers.convert_slow_tokenizer import generate_merges
 
     pieces = backend["model"]["vocab"]  # [piece, score] in id order; a BPE piece's score is minus its rank
+    for i, name in byte_pieces.items():
+        pieces[i][0] = name
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
     merges = generate_merges(vocab, dict(pieces))
     backend["model"] = {"type": "BPE", "dropout": None, "unk_token": pieces[backend["model"]["unk_id"]][0],
                         "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                         "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
                         "merges": [list(m) for m in merges]}
+    template = {"chat_template": tok.chat_template} if tok.chat_template else {}  # onnxruntime-genai fails on null
     return type(tok)(tokenizer_object=Tokenizer.from_str(json.dumps(backend)), bos_token=tok.bos_token,
                      eos_token=tok.eos_token, pad_token=tok.pad_token, unk_token=tok.unk_token,
-                     chat_template=tok.chat_template, add_bos_token=getattr(tok, "add_bos_token", True),
-                     model_max_length=tok.model_max_length)
+                     add_bos_token=getattr(tok, "add_bos_token", True), model_max_length=tok.model_max_length,
+                     **template)
 
 
 def _repair_gguf_tokenizer(tok, path: Path):
@@ -307,7 +315,9 @@ def _repair_gguf_tokenizer(tok, path: Path):
     kind = meta("tokenizer.ggml.model")
     backend = json.loads(tok.backend_tokenizer.to_str())
     if kind == "llama" and backend["model"]["type"] == "Unigram":
-        return _sentencepiece_bpe(tok, backend)
+        types, tokens = fields["tokenizer.ggml.token_type"], fields["tokenizer.ggml.tokens"]
+        byte_ids = [i for i, part in enumerate(types.data) if int(types.parts[part][0]) == BYTE_TOKEN]
+        return _sentencepiece_bpe(tok, backend, {i: bytes(tokens.parts[tokens.data[i]]).decode() for i in byte_ids})
     if kind != "gpt2":
         return tok
     backend["model"]["byte_fallback"] = False

@@ -20,16 +20,20 @@ from edgepeft.onnx.decoder import Decoder
 from edgepeft.onnx.rewrite import EMBED, quantize_gathers, tie_quantized_embedding
 from edgepeft.quality.scores import passed, score, verdict
 
+# The block of an int8 head kept so by the target (``head = "int8"``): 8-bit codes lose little to a 128-wide
+# range, and each 32-wide block's fp32 scale costs a bit per weight (Gemma 3's table: 189 MB -> 173 MB).
+HEAD_INT8_BLOCK = 128
+
 
 class Candidates:
     """The fp32 graph and each weight MatMul quantized at the target's bits and at int8 (made on demand,
     kept); ``build`` assembles the graph for any choice of MatMuls at int8."""
 
-    def __init__(self, fp32_model, target, method: str, stats: dict, damp: float):
+    def __init__(self, fp32_model, target, method: str, stats: dict, damp: float, act_order: bool = False):
         import onnx
         from onnx import numpy_helper
 
-        self.target, self.method, self.stats, self.damp = target, method, stats, damp
+        self.target, self.method, self.stats, self.damp, self.act_order = target, method, stats, damp, act_order
         inits = {i.name: i for i in fp32_model.graph.initializer}
         matmuls = quant.weight_matmuls(fp32_model)
         self.nodes = [n.name for n in matmuls]
@@ -41,6 +45,9 @@ class Candidates:
                                 f"width (found {', '.join(map(str, bad))})")
         self.tied = any(n.op_type == "Transpose" and n.name.startswith(EMBED) for n in fp32_model.graph.node)
         self.head = next((n for n in self.nodes if n.startswith("/lm_head")), None)
+        # at int8 whatever is chosen (the target's head precision); the rest is what a search may promote
+        self.always = {self.head} if self.head and target.head == "int8" else set()
+        self.searchable = [n for n in self.nodes if n not in self.always]
         self._cache: dict[tuple[str, int], object] = {}
         # the graph without the weights every build replaces (a build copies this, not 0.5 GB of fp32)
         self.skeleton = onnx.ModelProto()
@@ -56,10 +63,14 @@ class Candidates:
             w, t = self.weights[name], self.target
             h = self.stats.get(self.inputs[name], (None, 0))[0] if self.method != "rtn" else None
             if self.method == "gptq" and bits < 8:  # int8 is near lossless: activation-aware ranges suffice
-                self._cache[key] = quant.quantize_gptq(w, h, bits, t.block_size, t.symmetric, self.damp)
+                self._cache[key] = quant.quantize_gptq(w, h, bits, t.block_size, t.symmetric, self.damp,
+                                                       act_order=self.act_order)
             else:
                 imp = None if h is None else (np.diag(h).copy() if h.ndim == 2 else h)
-                self._cache[key] = quant.quantize_rtn(w, bits, t.block_size, t.symmetric, imp)
+                block = t.block_size
+                if name in self.always and w.shape[0] % HEAD_INT8_BLOCK == 0:
+                    block = max(block, HEAD_INT8_BLOCK)
+                self._cache[key] = quant.quantize_rtn(w, bits, block, t.symmetric, imp)
         return self._cache[key]
 
     def build(self, high: set[str] = frozenset()):
@@ -67,7 +78,7 @@ class Candidates:
         Returns (model, description of the embedding)."""
         import onnx
 
-        t = self.target
+        t, high = self.target, set(high) | self.always
         m = onnx.ModelProto()
         m.CopyFrom(self.skeleton)
         quant.to_matmulnbits(m, {n: self.quantized(n, 8 if n in high else t.bits) for n in self.nodes},
@@ -117,13 +128,13 @@ def search(cands: Candidates, scorer: Scorer, budgets, cfg, echo=print) -> dict:
 
     base = scorer(cands.build()[0], cfg.sensitivity_windows)
     gains = {}
-    with progress(len(cands.nodes), "sensitivity (each MatMul at int8 alone)", "matmul") as bar:
-        for name in cands.nodes:
+    with progress(len(cands.searchable), "sensitivity (each MatMul at int8 alone)", "matmul") as bar:
+        for name in cands.searchable:
             s = scorer(cands.build({name})[0], cfg.sensitivity_windows)
             extra = max(s["bytes"] - base["bytes"], 1)
             gains[name] = {"kl_saved": base["kl"] - s["kl"], "extra_bytes": extra}
             bar.update(1)
-    order = sorted(cands.nodes, key=lambda n: -gains[n]["kl_saved"] / gains[n]["extra_bytes"])
+    order = sorted(cands.searchable, key=lambda n: -gains[n]["kl_saved"] / gains[n]["extra_bytes"])
     steps: dict[int, dict] = {}
 
     def meets(k: int) -> bool:

@@ -151,8 +151,12 @@ def quantize_rtn(w: np.ndarray, bits: int, block: int, symmetric: bool,
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool,
-                  damp: float = 0.01, clip: bool = True, lazy: int = 128) -> Quantized:
-    """GPTQ of ``w`` [K, N] with ``hessian`` = E[x x^T] [K, K] of its input on the calibration data."""
+                  damp: float = 0.01, clip: bool = True, lazy: int = 128, act_order: bool = False) -> Quantized:
+    """GPTQ of ``w`` [K, N] with ``hessian`` = E[x x^T] [K, K] of its input on the calibration data.
+
+    ``act_order``: round the inputs with the most energy first (the largest diagonal of the Hessian), so the
+    error of the rest is pushed onto inputs that matter less; each block's range is then chosen up front from
+    the unrounded weights ("static groups"), since its columns are no longer rounded together."""
     import torch
 
     k, n = w.shape
@@ -162,32 +166,39 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, sym
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=torch.float64)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     importance = torch.diag(H).numpy() if clip else None
     nb = k // block
     codes = np.zeros((n, nb, block), np.uint8)
     scales = np.zeros((n, nb), np.float32)
     zps = np.zeros((n, nb), np.float32)
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    if act_order:
+        imp = None if importance is None else importance.reshape(nb, block)
+        s, z = choose_ranges(W.numpy().astype(np.float32).reshape(n, nb, block), bits, symmetric, imp)
+        scales[:], zps[:] = s, z
+        W, H = W[:, order], H[order][:, order]
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    S, Z = torch.tensor(scales, dtype=torch.float64), torch.tensor(zps, dtype=torch.float64)
     lazy = max(block, lazy // block * block)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % block == 0:
-                b = col // block
+            col = int(order[i1 + i])  # the input this column is
+            b = col // block
+            if not act_order and col % block == 0:
                 group = W1[:, i:i + block].numpy().astype(np.float32)[:, None, :]
                 imp = None if importance is None else importance[col:col + block][None, :]
                 s, z = choose_ranges(group, bits, symmetric, imp)
-                scales[:, b], zps[:, b] = s[:, 0], z[:, 0]
-                scale_t, zp_t = torch.tensor(s[:, 0], dtype=torch.float64), torch.tensor(z[:, 0], dtype=torch.float64)
+                S[:, b], Z[:, b] = (torch.tensor(v[:, 0], dtype=torch.float64) for v in (s, z))
             x = W1[:, i]
-            q = torch.clamp(torch.round(x / scale_t) + zp_t, 0, 2 ** bits - 1)
-            codes[:, col // block, col % block] = q.numpy().astype(np.uint8)
-            err = (x - (q - zp_t) * scale_t) / Hinv1[i, i]
+            q = torch.clamp(torch.round(x / S[:, b]) + Z[:, b], 0, 2 ** bits - 1)
+            codes[:, b, col % block] = q.numpy().astype(np.uint8)
+            err = (x - (q - Z[:, b]) * S[:, b]) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    scales, zps = S.numpy().astype(np.float32), Z.numpy()
     return Quantized(codes, scales, None if symmetric else zps.astype(np.uint8), bits, block)
 
 

@@ -47,6 +47,7 @@ class Precision:
     symmetric: bool
     activations: str
     quantize_embedding: bool
+    head: str
 
 
 # What MatMulNBits computes at accuracy_level 4 (int8 activations), which healing simulates
@@ -94,6 +95,10 @@ class Target:
     symmetric: bool = True
     activations: Literal["int8", "fp32"] = "int8"
     quantize_embedding: bool = True
+    # The output head's weights (and the token table, when the two are tied): "int8" keeps them at 8 bits while
+    # the rest are int4 ("same": the target's weights). llama.cpp's Q4_K_M does as much for Gemma 3, whose
+    # 262k-token table is 168M of its 268M parameters: there it is Q8_0.
+    head: Literal["same", "int8"] = "same"
     max_bundle_mb: float | None = None
     # The longest sequence (prompt and answer, in tokens) the app runs; None: the model's own maximum. The
     # graph's rotary tables and onnxruntime-genai's KV cache are sized for it, so a model made for 32k tokens

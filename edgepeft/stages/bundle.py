@@ -58,6 +58,10 @@ def run(ctx: StageContext) -> None:
     for f in TOKENIZER_FILES:
         if (src / f).is_file():
             shutil.copy2(src / f, out / f)
+    # without the indentation transformers writes: Gemma 3's (262k pieces, 515k merges) 32 MB -> 13.6 MB
+    if (out / "tokenizer.json").is_file():
+        tokenizer = json.loads((out / "tokenizer.json").read_text())
+        (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, separators=(",", ":")))
     if "onnx" in target.formats:
         for f in src.glob("model.onnx*"):
             shutil.copy2(f, out / f.name)
@@ -131,6 +135,14 @@ def run(ctx: StageContext) -> None:
                             f"{target.max_bundle_mb:g} MB")
 
 
+def preflight(recipe) -> None:
+    """The profile's longest prompt and its decode steps fit in the target's context."""
+    context, longest = recipe.target.context, max(recipe.profile.lengths)
+    if context and longest + recipe.profile.decode_tokens > context:
+        raise EdgepeftError(f"[profile] lengths reach {longest} tokens + {recipe.profile.decode_tokens} decoded, past "
+                            f"target {recipe.target.name}'s context of {context}: shorten them or raise the context")
+
+
 def intact(folder, record: dict) -> list[str]:
     """A finished bundle stage: its sealed bundle checked against its own manifest (sections added later by
     ``evaluate`` and ``profile`` are sealed there), the rest of the folder against the record."""
@@ -143,5 +155,5 @@ def intact(folder, record: dict) -> list[str]:
 
 STAGE = Stage("bundle", run, sections=("bundle", "target", "profile"),
               reads=("heal", "requantize", "export", "load", "quantize", "train"),
-              files=lambda recipe: user_files(recipe, "train", "data", "validation_data"),
+              files=lambda recipe: user_files(recipe, "train", "data", "validation_data"), preflight=preflight,
               description="write the deployable bundle, profile its latency, seal its manifest", intact=intact)

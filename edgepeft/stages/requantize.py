@@ -59,7 +59,7 @@ def run(ctx: StageContext) -> None:
         with progress(len(windows), "calibration statistics", "window") as bar:
             stats = quant.input_statistics(fp32, windows, lambda data: Decoder(data, genai_config=genai),
                                            full=cfg.method == "gptq", progress=bar.update)
-    cands = Candidates(fp32, target, cfg.method, stats, cfg.gptq_damp)
+    cands = Candidates(fp32, target, cfg.method, stats, cfg.gptq_damp, cfg.gptq_act_order)
     with progress(len(cands.nodes), f"quantize ({cfg.method}, int{target.bits})", "matmul") as bar:
         for name in cands.nodes:
             cands.quantized(name, target.bits)
@@ -71,7 +71,9 @@ def run(ctx: StageContext) -> None:
     model, embedding = cands.build()
     first = scorer(model)
     rows = verdict(first, budgets, cfg.margin)
-    print(f"  {cfg.method} int{target.bits} block {target.block_size}: {mb(first['bytes'])}; on {first['tokens']} "
+    head = ", head int8" if cands.always else ""
+    print(f"  {cfg.method} int{target.bits} block {target.block_size}{head}: {mb(first['bytes'])}; "
+          f"on {first['tokens']} "
           f"calibration tokens vs fp32 (worst of prose and task): perplexity "
           f"{100 * first['perplexity_increase']:+.1f}%, KL {first['kl']:.3f}, "
           f"agreement {100 * first['next_token_agreement']:.1f}%")
@@ -87,7 +89,7 @@ def run(ctx: StageContext) -> None:
     fp32_bytes = sum(p.stat().st_size for p in src.glob("model.onnx*"))
     save_graph(model, out)
     q_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*"))
-    int8 = found["int8"] if found else []
+    int8 = sorted(cands.always) + (found["int8"] if found else [])
     detail = {"method": cfg.method, "calibration": about, "bits": {n: 8 if n in int8 else target.bits
                                                                     for n in cands.nodes}}
     if found:
