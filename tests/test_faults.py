@@ -402,8 +402,8 @@ def test_a_prompt_of_100_kb_on_the_command_line_is_one_line_not_a_crash(tiny_run
 
 def test_a_profile_longer_than_the_targets_context_fails_before_training(tmp_path, tiny_model_dir):
     (tmp_path / "targets").mkdir()
-    (tmp_path / "targets" / "short.toml").write_text('extends = "android-arm64"\ncontext = 256\n')
+    (tmp_path / "targets" / "short.toml").write_text('extends = "android-arm64"\ncontext = 64\n')
     path = write_recipe(tmp_path / "r.toml", tiny_model_dir, target="short")
-    assert ("[profile] lengths reach 1024 tokens + 32 decoded, past target short's context of 256" in one_line(
+    assert ("[profile] lengths reach 64 tokens + 4 decoded, past target short's context of 64" in one_line(
         cli("run", str(path), "--out", str(tmp_path / "o"))))
     assert not (tmp_path / "o" / "train").exists()

@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> None:
     cands = Candidates(fp32, target, cfg.method, stats, cfg.gptq_damp, cfg.gptq_act_order)
     with progress(len(cands.nodes), f"quantize ({cfg.method}, int{target.bits})", "matmul") as bar:
         for name in cands.nodes:
-            cands.quantized(name, target.bits)
+            cands.quantized(name, 8 if name in cands.always else target.bits)
             bar.update(1)
     quantize_seconds = time.time() - t0
 
