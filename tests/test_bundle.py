@@ -244,22 +244,27 @@ def test_bundle_tokenizes_prompts_like_the_training_tokenizer(run):
         assert runner.prompt_ids(list(s.messages[:-1])) == prompt_ids(hf, s)
 
 
-def test_int8_target_quantizes_closer_to_fp32_than_int4(run, tmp_path):
+def _quantized_beside(run, folder, target) -> tuple[dict, float]:
+    """The run's fp32 export quantized without calibration for ``target`` into ``folder`` (a model folder that
+    runs): what ``mixed.quantize`` did, and its max |logit diff| from fp32 on a fixed prompt."""
     from edgepeft.onnx.mixed import quantize
+
+    src, fp32 = run["out"] / "requantize" / "model", run["out"] / "export" / "model" / "model.onnx"
+    ids = list(range(200, 232))
+    folder.mkdir()
+    shutil.copy(src / "genai_config.json", folder / "genai_config.json")
+    done = quantize(fp32, folder / "model.onnx", target)
+    diff = np.abs(Decoder(folder / "model.onnx").prefill(ids)[0] - Decoder(fp32).prefill(ids)[0]).max()
+    return done, float(diff)
+
+
+def test_int8_target_quantizes_closer_to_fp32_than_int4(run, tmp_path):
     from edgepeft.pipeline.target import Target
 
-    src = run["out"] / "requantize" / "model"
-    fp32 = run["out"] / "export" / "model" / "model.onnx"
-    ids = list(range(200, 232))
-    ref = Decoder(fp32).prefill(ids)[0]
     diffs = {}
     for weights in ("int8", "int4"):
-        out = tmp_path / weights
-        out.mkdir()
-        shutil.copy(src / "genai_config.json", out / "genai_config.json")
-        done = quantize(fp32, out / "model.onnx", Target("t", weights=weights))
+        done, diffs[weights] = _quantized_beside(run, tmp_path / weights, Target("t", weights=weights))
         assert done["embedding"] == f"shared with the head, {weights}"
-        diffs[weights] = float(np.abs(Decoder(out / "model.onnx").prefill(ids)[0] - ref).max())
     assert 0 < diffs["int8"] < diffs["int4"] / 4
 
 
@@ -268,25 +273,17 @@ def test_a_target_can_keep_the_head_and_its_shared_table_at_int8(run, tmp_path):
     8-bit, every other MatMul the target's int4; the graph runs and is closer to fp32 than all-int4."""
     import onnx
 
-    from edgepeft.onnx.mixed import quantize
     from edgepeft.pipeline.target import Target
 
-    src, fp32 = run["out"] / "requantize" / "model", run["out"] / "export" / "model" / "model.onnx"
-    ids = list(range(200, 232))
-    ref = Decoder(fp32).prefill(ids)[0]
     diffs = {}
     for head in ("same", "int8"):
-        out = tmp_path / head
-        out.mkdir()
-        shutil.copy(src / "genai_config.json", out / "genai_config.json")
-        done = quantize(fp32, out / "model.onnx", Target("t", head=head))
-        graph = onnx.load(str(out / "model.onnx"))
+        done, diffs[head] = _quantized_beside(run, tmp_path / head, Target("t", head=head))
+        graph = onnx.load(str(tmp_path / head / "model.onnx"))
         bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.graph.node
                 if n.op_type == "MatMulNBits"}
         assert {b for n, b in bits.items() if not n.startswith("/lm_head")} == {4}
         assert [b for n, b in bits.items() if n.startswith("/lm_head")] == [8 if head == "int8" else 4]
         assert done["embedding"] == f"shared with the head, {'int8' if head == 'int8' else 'int4'}"
-        diffs[head] = float(np.abs(Decoder(out / "model.onnx").prefill(ids)[0] - ref).max())
     assert diffs["int8"] < diffs["same"]
 
 
@@ -300,6 +297,7 @@ def test_a_sentencepiece_bpe_vocabulary_becomes_bpe_that_onnxruntime_genai_reads
     from transformers import PreTrainedTokenizerFast
 
     from edgepeft.models.sources import _sentencepiece_bpe
+    from edgepeft.stages.bundle import TOKENIZER_FILES
 
     # "ab" is the first merge, "bc" the second; Unigram prefers a + bc (scores -1 -2) to ab + c (-1 -50); the
     # byte piece <0x0A> comes renamed to a newline, as transformers renames Gemma's <0x09> to a tab
@@ -322,7 +320,7 @@ def test_a_sentencepiece_bpe_vocabulary_becomes_bpe_that_onnxruntime_genai_reads
 
     folder = tmp_path / "bundle"
     shutil.copytree(run["bundle"], folder)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+    for f in TOKENIZER_FILES:
         (folder / f).unlink(missing_ok=True)
     bpe.save_pretrained(folder)
     og_tok = og.Tokenizer(og.Model(str(folder)))

@@ -169,16 +169,14 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, sym
     importance = torch.diag(H).numpy() if clip else None
     nb = k // block
     codes = np.zeros((n, nb, block), np.uint8)
-    scales = np.zeros((n, nb), np.float32)
-    zps = np.zeros((n, nb), np.float32)
+    S, Z = torch.zeros(n, nb, dtype=torch.float64), torch.zeros(n, nb, dtype=torch.float64)  # scales, zero points
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     if act_order:
         imp = None if importance is None else importance.reshape(nb, block)
         s, z = choose_ranges(W.numpy().astype(np.float32).reshape(n, nb, block), bits, symmetric, imp)
-        scales[:], zps[:] = s, z
+        S[:], Z[:] = torch.from_numpy(s), torch.from_numpy(z)
         W, H = W[:, order], H[order][:, order]
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    S, Z = torch.tensor(scales, dtype=torch.float64), torch.tensor(zps, dtype=torch.float64)
     lazy = max(block, lazy // block * block)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
@@ -198,8 +196,8 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, sym
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    scales, zps = S.numpy().astype(np.float32), Z.numpy()
-    return Quantized(codes, scales, None if symmetric else zps.astype(np.uint8), bits, block)
+    return Quantized(codes, S.numpy().astype(np.float32), None if symmetric else Z.numpy().astype(np.uint8), bits,
+                     block)
 
 
 # ---- the ONNX graph side ------------------------------------------------------------------------------
