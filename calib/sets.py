@@ -107,10 +107,24 @@ def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: in
                           "window_tokens": length}
 
 
+def replay_windows(recipe, tokenizer, count: int, length: int) -> list[list[int]]:
+    """Up to ``count`` windows of ``length`` tokens of the recipe's rehearsal prose (``[train] replay_text``, its
+    calibration part), spread over all of it."""
+    spec = recipe.train.replay_text
+    found = token_windows(tokenizer, text_part(spec, "calibration", recipe.base_dir), count, length, spread=True)
+    if not found:
+        raise EdgepeftError(f"[train] replay_text {spec!r} is shorter than one window of {length} tokens")
+    return found
+
+
 def evaluation_text(recipe, text: str, calib_text: str) -> tuple[str, dict]:
-    """The held-out prose for evaluation, with every line seen in calibration or training removed."""
+    """The held-out prose for evaluation, with every line seen in calibration or training (its examples and
+    its rehearsal prose) removed."""
     train = recipe_splits(recipe)["train"]
-    seen = line_keys([text_part(calib_text, "calibration", recipe.base_dir)] + [sample_text(s) for s in train])
+    seen_texts = [text_part(calib_text, "calibration", recipe.base_dir)] + [sample_text(s) for s in train]
+    if recipe.train.replay_batch:
+        seen_texts.append(text_part(recipe.train.replay_text, "calibration", recipe.base_dir))
+    seen = line_keys(seen_texts)
     held, dropped = disjoint_text(text_part(text, "evaluation", recipe.base_dir), seen)
     return held, {"text": text, "lines_dropped_as_seen_in_calibration_or_training": dropped}
 

@@ -148,3 +148,53 @@ def test_empty_training_data_is_a_clear_error(tmp_path, tiny_model_dir):
     r = write_recipe(tmp_path / "r.toml", tiny_model_dir, extra=f'data = "{data.as_posix()}"')
     with pytest.raises(EdgepeftError, match="no examples"):
         _run(r, tmp_path / "run")
+
+
+def _prose_loss(run_dir, recipe_path) -> tuple[float, float]:
+    """Mean next-token loss of (4-bit base + adapter), then of the 4-bit base alone, on the gate's held-out prose."""
+    from transformers import AutoTokenizer
+
+    from edgepeft.adapters import api
+    from edgepeft.quality.gate import heldout
+    from edgepeft.quality.reference import Reference
+
+    recipe = recipe_mod.load(recipe_path)
+    ref = Reference.of_run(run_dir)
+    windows, _ = heldout(recipe, recipe.evaluate, AutoTokenizer.from_pretrained(ref.adapter))
+    model = ref.load()
+    ids = torch.tensor(windows)
+
+    def loss():
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+    tuned = loss()
+    with api.disabled(model):
+        return tuned, loss()
+
+
+def test_prose_rehearsal_keeps_held_out_prose_and_stays_out_of_the_gate(tmp_path, tiny_model_dir):
+    """[train] replay_batch: prose windows rehearsed each step (from the calibration part of Python's help topics)
+    leave the adapter better on the gate's held-out prose than the task alone does; with a user's file as both the
+    rehearsed and the held-out text, the gate drops every line that was rehearsed."""
+    from edgepeft.calib.sets import evaluation_text
+
+    plain = write_recipe(tmp_path / "plain.toml", tiny_model_dir, steps=6)
+    rehearsed = write_recipe(tmp_path / "rehearsed.toml", tiny_model_dir, steps=6,
+                             extra="replay_batch = 4\nreplay_tokens = 64")
+    a = _run(plain, tmp_path / "a" / "run", last="train")["train"]["figures"]
+    b = _run(rehearsed, tmp_path / "b" / "run", last="train")["train"]["figures"]
+    assert "replay_losses" not in a and len(b["replay_losses"]) == 6
+    plain_loss, base_loss = _prose_loss(tmp_path / "a" / "run", plain)
+    rehearsed_loss, _ = _prose_loss(tmp_path / "b" / "run", rehearsed)
+    assert rehearsed_loss < min(plain_loss, base_loss) - 0.05, (rehearsed_loss, plain_loss, base_loss)
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text("\n".join(f"Line {i} of the user's own prose, long enough to count." for i in range(40)))
+    mine = write_recipe(tmp_path / "mine.toml", tiny_model_dir,
+                        extra=f'replay_batch = 1\nreplay_text = "{prose.as_posix()}"')
+    _, about = evaluation_text(recipe_mod.load(mine), prose.as_posix(), "builtin:python-docs")
+    assert about["lines_dropped_as_seen_in_calibration_or_training"] == 40
+    _, about = evaluation_text(recipe_mod.load(plain), prose.as_posix(), "builtin:python-docs")
+    assert about["lines_dropped_as_seen_in_calibration_or_training"] == 0

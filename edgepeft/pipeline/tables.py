@@ -127,10 +127,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_examples: int = 64  # validation examples scored by exact match (0: skip)
     eval_max_new_tokens: int = 48
+    # Prose rehearsal: every step also takes `replay_batch` windows of `replay_tokens` tokens of prose, with a
+    # next-token loss on every token, so that a pretrained base keeps its language while it learns a narrow task
+    # (0: off). The windows come from the calibration part of `replay_text` (builtin:python-docs: the first 80%
+    # of Python's help topics); the quality gate's held-out prose drops every line they contain.
+    replay_text: str = "builtin:python-docs"
+    replay_batch: int = 0
+    replay_tokens: int = 128
 
     def check(self) -> str | None:
         if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 8:
             return "steps and batch_size must be positive, max_length > 8"
+        if self.replay_batch < 0 or self.replay_tokens < 8:
+            return "replay_batch must not be negative and replay_tokens at least 8"
         if self.lr is not None and not self.lr > 0:
             return "lr must be positive"
         if self.checkpoint_every <= 0:

@@ -23,5 +23,5 @@ def run(ctx: StageContext) -> None:
 STAGE = Stage("evaluate", run, sections=("evaluate", "requantize"), reads=("bundle", "quantize", "train"),
               files=lambda recipe: {**user_files(recipe, "evaluate", "text"),
                                     **user_files(recipe, "requantize", "calib_text"),
-                                    **user_files(recipe, "train", "data", "validation_data")},
+                                    **user_files(recipe, "train", "data", "validation_data", "replay_text")},
               description="quality gate: the bundle vs (4-bit base + adapter) on held-out data, against the budgets")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edgepeft.adapters import api as adapters
 from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
+from edgepeft.calib.sets import replay_windows
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import resume_checkpoint, write_checkpoint
@@ -43,6 +44,8 @@ def preflight(recipe) -> None:
     if len(splits["train"]) < cfg.batch_size:
         raise EdgepeftError(f"[train] {cfg.data}: {len(splits['train'])} training examples, fewer than "
                             f"batch_size {cfg.batch_size}")
+    if cfg.replay_batch:
+        user_files(recipe, "train", "replay_text")  # a missing file fails here, before the model loads
 
 
 DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "adapter": 1e-3, "prefix": 1e-3, "prompt": 3e-2, "unipelt": 1e-3}
@@ -68,17 +71,19 @@ def _lr_lambda(warmup: int, total: int):
 ADAPTER_WEIGHTS = "adapter.safetensors"  # a checkpoint's adapter tensors (edgepeft.adapters.api.state)
 
 
-def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler, losses: list[float]) -> Path:
-    return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses}, adapters.state(model), ADAPTER_WEIGHTS,
-                            optimizer, scheduler)
+def _save_checkpoint(work: Path, step: int, fp: str, model, optimizer, scheduler, losses: list[float],
+                     replay: list[float]) -> Path:
+    return write_checkpoint(work, step, {"fingerprint": fp, "losses": losses, "replay_losses": replay},
+                            adapters.state(model), ADAPTER_WEIGHTS, optimizer, scheduler)
 
 
-def _load_checkpoint(saved: tuple[dict, dict, dict], model, optimizer, scheduler) -> tuple[int, list[float]]:
+def _load_checkpoint(saved: tuple[dict, dict, dict], model, optimizer,
+                     scheduler) -> tuple[int, list[float], list[float]]:
     adapter, state, meta = saved
     adapters.set_state(model, adapter)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return meta["step"], meta["losses"]
+    return meta["step"], meta["losses"], meta.get("replay_losses", [])
 
 
 def _encoded(tokenizer, samples, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
@@ -108,10 +113,27 @@ def _loss(model, batch: dict):
                                              ignore_index=IGNORE)
 
 
-def _loss_figures(losses: list[float], step_times: list[float], tokens: int) -> dict:
+def _text_loss(model, windows: list[list[int]], device):
+    """Next-token cross-entropy over every position of equal-length prose windows (rehearsal)."""
+    import torch
+
+    ids = torch.tensor(windows, dtype=torch.long, device=device)
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _replay_indices(n: int, batch: int, step: int) -> list[int]:
+    """The rehearsal windows of global step ``step``: the next ``batch`` of the ``n``, cycling."""
+    return [(step * batch + j) % n for j in range(batch)]
+
+
+def _loss_figures(losses: list[float], step_times: list[float], tokens: int, replay: list[float]) -> dict:
     out = {"loss_first": losses[0], "loss_last": losses[-1],
            "loss_first10_mean": round(statistics.fmean(losses[:10]), 4),
            "loss_last10_mean": round(statistics.fmean(losses[-10:]), 4), "losses": losses}
+    if replay:
+        out.update(replay_loss_first10_mean=round(statistics.fmean(replay[:10]), 4),
+                   replay_loss_last10_mean=round(statistics.fmean(replay[-10:]), 4), replay_losses=replay)
     if step_times:
         timed = step_times[1:] or step_times
         out.update(step_seconds_median=round(statistics.median(timed), 3),
@@ -160,6 +182,9 @@ def run(ctx: StageContext) -> None:
     tokenizer = AutoTokenizer.from_pretrained(qdir)
     splits = recipe_splits(ctx.recipe)
     train = _encoded(tokenizer, splits["train"], cfg)
+    world = accelerator.num_processes
+    prose = replay_windows(ctx.recipe, tokenizer, cfg.steps * cfg.replay_batch * world, cfg.replay_tokens) \
+        if cfg.replay_batch else []
 
     model = load_4bit(qdir, accelerator.device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -171,16 +196,18 @@ def run(ctx: StageContext) -> None:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
 
-    start, losses = 0, []
+    start, losses, replay = 0, [], []
     saved = resume_checkpoint(ctx.work, fp, ctx.options.get("resume"), ADAPTER_WEIGHTS, cfg.steps, say)
     if saved is not None:
-        start, losses = _load_checkpoint(saved, model, optimizer, scheduler)
+        start, losses, replay = _load_checkpoint(saved, model, optimizer, scheduler)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     say(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
         f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} at lr {lr:g} on {accelerator.device}"
-        + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
+        + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
+        + (f"; {cfg.replay_batch} windows of {cfg.replay_tokens} prose tokens rehearsed per step ({len(prose)} "
+           f"windows of {cfg.replay_text})" if prose else ""))
 
-    world, rank = accelerator.num_processes, accelerator.process_index
+    rank = accelerator.process_index
     step_times: list[float] = []
     tokens = 0
     model.train()
@@ -192,7 +219,13 @@ def run(ctx: StageContext) -> None:
         batch = collate([train[i] for i in idx], tokenizer.pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         loss = _loss(model, batch)
-        accelerator.backward(loss)
+        if prose:
+            rloss = _text_loss(model, [prose[i] for i in _replay_indices(len(prose), cfg.replay_batch * world,
+                                                                         step)[rank::world]], accelerator.device)
+            replay.append(round(rloss.item(), 4))
+            accelerator.backward(loss + rloss)
+        else:
+            accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -203,7 +236,8 @@ def run(ctx: StageContext) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", s_per_step=f"{step_times[-1]:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and main:
-            _save_checkpoint(ctx.work, step + 1, fp, accelerator.unwrap_model(model), optimizer, scheduler, losses)
+            _save_checkpoint(ctx.work, step + 1, fp, accelerator.unwrap_model(model), optimizer, scheduler, losses,
+                             replay)
     bar.close()
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
@@ -213,11 +247,13 @@ def run(ctx: StageContext) -> None:
 
     figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,
                "processes": world, "global_batch": cfg.batch_size * world, "lr": lr, "steps": cfg.steps,
-               "resumed_from_step": start, **_loss_figures(losses, step_times, tokens),
+               "resumed_from_step": start, **_loss_figures(losses, step_times, tokens, replay),
                "peak_memory_bytes": peak_memory_bytes()}
     say(f"  loss {figures['loss_first10_mean']:.3f} -> {figures['loss_last10_mean']:.3f} (mean of first/last 10 "
         f"steps); {figures.get('step_seconds_median', float('nan')):.2f} s/step, "
-        f"{figures.get('tokens_per_second', 0):.0f} tokens/s; peak memory {mb(figures['peak_memory_bytes'])}")
+        f"{figures.get('tokens_per_second', 0):.0f} tokens/s; peak memory {mb(figures['peak_memory_bytes'])}"
+        + (f"; rehearsed prose loss {figures['replay_loss_first10_mean']:.3f} -> "
+           f"{figures['replay_loss_last10_mean']:.3f}" if replay else ""))
 
     if cfg.eval_examples > 0 and main:
         figures.update(_validation(model, tokenizer, splits["validation"], cfg, adapter.method))
@@ -227,5 +263,6 @@ def run(ctx: StageContext) -> None:
 
 
 STAGE = Stage("train", run, sections=("train", "adapter"), reads=("load", "quantize"),
-              files=lambda recipe: user_files(recipe, "train", "data", "validation_data"), preflight=preflight,
+              files=lambda recipe: user_files(recipe, "train", "data", "validation_data", "replay_text"),
+              preflight=preflight,
               distributed=True, shared=True, description="train the adapter on the frozen 4-bit base")
