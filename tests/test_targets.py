@@ -207,7 +207,7 @@ def test_a_target_extends_another_and_changes_some_keys(tmp_path):
     from edgepeft.pipeline import target as target_mod
 
     base, large = target_mod.load("android-arm64"), target_mod.load("android-arm64-large")
-    assert (large.name, large.head, large.context, large.max_bundle_mb) == ("android-arm64-large", "int8", 4096, 280)
+    assert (large.name, large.head, large.context, large.max_bundle_mb) == ("android-arm64-large", "int8", 4096, 270)
     changed = {k for k, v in asdict(large).items() if asdict(base)[k] != v}
     assert changed == {"name", "head", "context", "max_bundle_mb"}
     (tmp_path / "targets").mkdir()
