@@ -18,7 +18,7 @@ from edgepeft.bundle.manifest import read_manifest
 from edgepeft.bundle.runner import verify
 from edgepeft.cli import main as cli
 from edgepeft.latency import costmodel
-from edgepeft.latency.check import median_ci, verdict
+from edgepeft.latency.check import MIN_LAYERS, layer_bytes, median_ci, reference_for, verdict
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -173,6 +173,10 @@ def test_gate_passes_unchanged_model_with_a_busy_core_and_fails_without_weight_q
     assert cli(["latency-check", str(int4), "--baseline", str(baseline), "--update-baseline", "--rounds", "10"]) == 0
     data = json.loads(baseline.read_text())
     assert len(data["metrics"]["decode"]["samples"]) == 10 and data["settings"]["threads"] == 1
+    read = costmodel.weight_bytes(int4 / "model.onnx")["read_per_token"]  # the reference streams as much
+    layers = data["reference"]["layers"]
+    one = layer_bytes()
+    assert layers == MIN_LAYERS if read < MIN_LAYERS * one else abs(layers * one - read) <= one
 
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a neighbour keeps one core busy
     try:
@@ -193,7 +197,23 @@ def test_gate_runs_on_a_bundle(tiny_run, tmp_path, capsys):
     baseline = tmp_path / "b.json"
     assert cli(["latency-check", str(tiny_run["bundle"]), "--baseline", str(baseline), "--update-baseline",
                 "--rounds", "6"]) == 0
-    assert json.loads(baseline.read_text())["bundle"] == "tiny-android-arm64"
+    data = json.loads(baseline.read_text())
+    assert data["bundle"] == "tiny-android-arm64" and data["reference"]["layers"] == MIN_LAYERS
+    # the check measures against the reference the baseline recorded, not one sized anew: ten times longer
+    # here, so the same bundle's ratio falls far below the baseline's
+    data["reference"]["layers"] = 10 * MIN_LAYERS
+    baseline.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert cli(["latency-check", str(tiny_run["bundle"]), "--baseline", str(baseline), "--rounds", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "faster (consider --update-baseline)" in out and "FAIL" not in out
+
+
+def test_reference_streams_the_bundles_bytes():
+    for mb in (20, 94, 250, 1000):
+        r = reference_for(int(mb * 1e6))
+        assert abs(r["layers"] * layer_bytes(r) - mb * 1e6) <= layer_bytes(r) / 2
+    assert reference_for(1000)["layers"] == MIN_LAYERS
 
 
 def test_gate_user_errors_are_one_line(tiny_run, tmp_path, capsys):

@@ -3,10 +3,15 @@
 A shared machine's speed drifts by ±15% over minutes and halves when a neighbour takes a core, so the
 gate never compares absolute times across runs. It compares ratios:
 
-- A fixed reference workload is generated in the same process: a chain of 48 block-quantized int4
-  MatMulNBits (24 x [1024 -> 3072 -> 1024], ~94 MB of weights, seeded) with RMS norms, run through the
-  same onnxruntime with the same session settings. It stresses what a decode step stresses (int4 GEMV
-  kernels streaming weights from DRAM through one thread pool), so whatever slows the machine slows both.
+- A reference workload is generated in the same process: a seeded chain of block-quantized int4
+  MatMulNBits pairs ([1024 -> 3072 -> 1024], 3.9 MB each) with RMS norms, run through the same onnxruntime
+  with the same session settings. It stresses what a decode step stresses (int4 GEMV kernels streaming
+  weights from memory through one thread pool), so whatever slows the machine slows both.
+- The chain is as long as the bundle's weights read per token make it (one pair per 3.9 MB; at least 4),
+  so both stream the same bytes from the same level of memory: a 94 MB reference beside
+  a 250 MB bundle could sit in a large last-level cache (server parts carry 256 MB) while the bundle reads
+  DRAM, and a neighbour thrashing that cache would move the two apart. The length is fixed when the
+  baseline is recorded and read back from it: a bundle that grows is measured against the same reference.
 - Each round measures the bundle and the reference back to back, alternating which goes first: decode
   (median ms of ``decode_tokens`` cached steps after a ``context``-token prompt, vs the reference with
   one row) and prefill (the ``context``-token prompt, vs the reference with ``context`` rows; the faster
@@ -45,6 +50,19 @@ from edgepeft.onnx.decoder import Decoder, random_prompt, session, timed_generat
 FORMAT = "edgepeft-latency-baseline/1"
 REFERENCE = {"name": "int4-matmulnbits-chain/1", "layers": 24, "hidden": 1024, "ffn": 3072, "block_size": 32,
              "accuracy_level": 4, "seed": 0}
+MIN_LAYERS, MAX_LAYERS = 4, 1024
+
+
+def layer_bytes(spec: dict = REFERENCE) -> int:
+    """Weight bytes of one reference pair: two int4 matrices with a float32 scale per block."""
+    blocks = spec["hidden"] * spec["ffn"] // spec["block_size"]
+    return 2 * (spec["hidden"] * spec["ffn"] // 2 + 4 * blocks)
+
+
+def reference_for(read_per_token: int) -> dict:
+    """The reference workload sized to stream as many weight bytes as the bundle's decode step."""
+    layers = round(read_per_token / layer_bytes())
+    return {**REFERENCE, "layers": min(MAX_LAYERS, max(MIN_LAYERS, layers))}
 METRICS = ("decode", "prefill")
 
 
@@ -59,12 +77,12 @@ class GateSettings:
     confidence: float = 0.95
 
 
-def reference_model() -> bytes:
-    """The fixed reference workload as ONNX bytes (identical on every machine and run: seeded PCG64)."""
+def reference_model(spec: dict = REFERENCE) -> bytes:
+    """The reference workload as ONNX bytes (identical on every machine and run for one spec: seeded PCG64)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    r = REFERENCE
+    r = spec
     rng = np.random.default_rng(r["seed"])
     nodes, inits, x = [], [], "x"
     for i in range(r["layers"]):
@@ -81,8 +99,9 @@ def reference_model() -> bytes:
         nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, f"g{i}"], [f"n{i}"], axis=-1, epsilon=1e-5))
         x = f"n{i}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(nodes, "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 1024])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 1024])], inits)
+    graph = helper.make_graph(nodes, "reference",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", r["hidden"]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", r["hidden"]])], inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
@@ -122,8 +141,10 @@ def verdict(current: dict, baseline: dict, tolerance: float) -> tuple[str, float
     return "ok", change, lo, hi
 
 
-def measure(model_file: Path, genai_config: Path, settings: GateSettings, progress_bar: bool = True) -> dict:
-    """Interleaved rounds of the bundle and the reference; per-metric ratio samples and absolute medians."""
+def measure(model_file: Path, genai_config: Path, settings: GateSettings, progress_bar: bool = True,
+            reference: dict = REFERENCE) -> dict:
+    """Interleaved rounds of the bundle and the ``reference`` workload; per-metric ratio samples and absolute
+    medians."""
     import numpy as np
 
     s = settings
@@ -131,11 +152,11 @@ def measure(model_file: Path, genai_config: Path, settings: GateSettings, progre
     if dec.context_length and s.context + s.decode_tokens > dec.context_length:
         raise EdgepeftError(f"latency-check: context {s.context} + {s.decode_tokens} decode tokens exceed the "
                             f"model's {dec.context_length}")
-    ref = session(reference_model(), s.threads)
+    ref = session(reference_model(reference), s.threads)
     rng = np.random.default_rng(0)
     prompt = random_prompt(dec, s.context, rng)
-    x1 = rng.standard_normal((1, REFERENCE["hidden"]), dtype=np.float32)
-    xp = rng.standard_normal((s.context, REFERENCE["hidden"]), dtype=np.float32)
+    x1 = rng.standard_normal((1, reference["hidden"]), dtype=np.float32)
+    xp = rng.standard_normal((s.context, reference["hidden"]), dtype=np.float32)
 
     def bundle():
         first, steps = timed_generation(dec, prompt, s.decode_tokens)
@@ -143,7 +164,7 @@ def measure(model_file: Path, genai_config: Path, settings: GateSettings, progre
         dec.prefill(prompt)
         return statistics.median(steps), min(first, time.perf_counter() - t)
 
-    def reference():
+    def run_reference():
         steps = []
         for _ in range(s.decode_tokens):
             t = time.perf_counter()
@@ -161,9 +182,9 @@ def measure(model_file: Path, genai_config: Path, settings: GateSettings, progre
     with bar:
         for r in range(s.warmup + s.rounds):
             if r % 2:
-                b, q = bundle(), reference()
+                b, q = bundle(), run_reference()
             else:
-                q, b = reference(), bundle()
+                q, b = run_reference(), bundle()
             if r >= s.warmup:
                 for i, m in enumerate(METRICS):
                     raw[m]["bundle"].append(b[i])
@@ -217,20 +238,30 @@ def check(bundle: Path, baseline_path: Path, update: bool = False, rounds: int |
         raise EdgepeftError(f"latency-check: tolerance {settings.tolerance}: the slowdown allowed must be a "
                             "fraction between 0 and 10 (0.1 = 10%)")
     model_file, genai_config, name = _model_of(bundle)
-    if base and base.get("reference") != REFERENCE:
-        raise EdgepeftError(f"{baseline_path}: recorded against reference workload {base.get('reference')}, this "
-                            f"edgepeft uses {REFERENCE['name']}; record a new baseline with --update-baseline")
-    result = measure(model_file, genai_config, settings)
+    if base:
+        reference = base.get("reference")
+        layers = reference.get("layers") if isinstance(reference, dict) else None
+        known = isinstance(layers, int) and MIN_LAYERS <= layers <= MAX_LAYERS and \
+            reference == {**REFERENCE, "layers": layers}
+        if not known:
+            raise EdgepeftError(f"{baseline_path}: recorded against reference workload {reference}, this "
+                                f"edgepeft uses {REFERENCE['name']}; record a new baseline with --update-baseline")
+    else:
+        from edgepeft.latency.costmodel import weight_bytes
+
+        reference = reference_for(weight_bytes(model_file)["read_per_token"])
+    result = measure(model_file, genai_config, settings, reference=reference)
     here = machine()
     if update:
         data = {"format": FORMAT, "bundle": name, "model_file": model_file.name,
                 "model_sha256": sha256_file(model_file), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "machine": here, "reference": REFERENCE,
+                "machine": here, "reference": reference,
                 "settings": asdict(settings), "metrics": result}
         baseline_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(baseline_path, json.dumps(data, indent=2) + "\n")
         echo(f"latency-check: baseline recorded in {baseline_path} ({settings.rounds} rounds, {settings.threads} "
-             f"thread(s)): decode {result['decode']['ratio']:.3f} x reference "
+             f"thread(s), reference {reference['layers']} int4 pairs = {reference['layers'] * layer_bytes() / 1e6:.0f} "
+             f"MB): decode {result['decode']['ratio']:.3f} x reference "
              f"[{result['decode']['ci'][0]:.3f}, {result['decode']['ci'][1]:.3f}], prefill "
              f"{result['prefill']['ratio']:.3f} x [{result['prefill']['ci'][0]:.3f}, {result['prefill']['ci'][1]:.3f}]")
         return 0
