@@ -19,13 +19,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft.calib import phone_commands
+from edgepeft.calib import calendar_events, phone_commands
 
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import BUILTIN_PREFIX, resolve_path
 
 IGNORE = -100
-BUILTIN_TASKS = ("phone-commands",)
+BUILTIN_TASKS = {"phone-commands": phone_commands, "calendar-events": calendar_events}  # name -> generator
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,11 @@ def read_jsonl(path: Path) -> list[Sample]:
 
 
 def builtin_splits(name: str, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, list[Sample]]:
-    if name != "phone-commands":
+    if name not in BUILTIN_TASKS:
         raise EdgepeftError(f"unknown built-in data {BUILTIN_PREFIX}{name} (known: "
                             + ", ".join(BUILTIN_PREFIX + t for t in BUILTIN_TASKS) + ")")
 
-    splits = phone_commands.generate(sizes, seed)
+    splits = BUILTIN_TASKS[name].generate(sizes, seed)
     return {k: [Sample(messages=tuple((m["role"], m["content"]) for m in ex.messages())) for ex in v]
             for k, v in splits.items()}
 

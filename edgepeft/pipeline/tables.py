@@ -114,7 +114,7 @@ class AdapterConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = "builtin:phone-commands"
+    data: str = "builtin:phone-commands"  # or builtin:calendar-events (calib/data.py BUILTIN_TASKS), or a JSONL file
     validation_data: str | None = None
     steps: int = 100
     batch_size: int = 8

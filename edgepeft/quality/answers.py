@@ -1,11 +1,12 @@
 """Task accuracy in PyTorch: greedy answers to a task's prompts and their exact match with the references
-(the task's own matcher: the built-in phone commands compare parsed JSON, other data the stripped text)."""
+(the task's own matcher: the built-in phone commands and calendar events compare parsed JSON, other data the
+stripped text)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from edgepeft.calib import phone_commands
+from edgepeft.calib import calendar_events, phone_commands
 from edgepeft.calib.data import BUILTIN_PREFIX, Sample, collate, prompt_ids
 
 
@@ -17,6 +18,8 @@ def matcher(data: str) -> Callable[[str, str], bool]:
     """How answers to the recipe's ``[train] data`` are scored."""
     if data == f"{BUILTIN_PREFIX}phone-commands":
         return phone_commands.exact_match
+    if data == f"{BUILTIN_PREFIX}calendar-events":
+        return calendar_events.exact_match
     return text_match
 
 
