@@ -1,4 +1,5 @@
-"""Sessions: `nox -s export-android` (the main job), `nox -s export-ios`, `nox -s export-cpu`, `nox -s tests`,
+"""Sessions: `nox -s export-android` (the main job), `nox -s export-ios`, `nox -s export-cpu`, `nox -s export-multi`
+(two runtime-switchable adapters in one bundle), `nox -s tests`,
 `nox -s lint`, `nox -s bench`, `nox -s emulate-android` (the bundle on aarch64 onnxruntime under qemu),
 `nox -s latency-check` (the CI latency gate; `-- --update-baseline` accepts a
 new baseline on purpose), `nox -s latency-study` (how often the gate false-alarms and detects on this machine).
@@ -43,6 +44,19 @@ def export_gemma3(session: nox.Session) -> None:
     session.install("--no-deps", "-c", "constraints.txt", *GEMMA3)
     session.run("edgepeft", "run", "export/gemma3.toml", *session.posargs)
     session.run("edgepeft", "verify", "dist/gemma3/bundle/android-arm64-large")
+
+
+@nox.session(name="export-multi")
+def export_multi(session: nox.Session) -> None:
+    """export/multi.toml: one Android bundle with two runtime-switchable adapters (phone commands as LoRA,
+    calendar events as IA3) over one int4 base; verified, then each adapter answers a prompt."""
+    install(session)
+    session.run("edgepeft", "run", "export/multi.toml", *session.posargs)
+    bundle = "dist/multi/bundle/android-arm64"
+    session.run("edgepeft", "verify", bundle)
+    session.run("edgepeft", "generate", bundle, "--adapter", "phone", "set an alarm for seven thirty pm")
+    session.run("edgepeft", "generate", bundle, "--adapter", "calendar",
+                "put lunch with Priya on the calendar next friday at noon for an hour")
 
 
 @nox.session(name="export-ios")

@@ -19,6 +19,8 @@ at the same file: the overlap is dropped and counted, and an evaluation left emp
 
 from __future__ import annotations
 
+import itertools
+
 from edgepeft.calib.data import encode, read_jsonl, recipe_splits, resolve_path
 from edgepeft.calib.text import python_docs, token_windows
 
@@ -98,10 +100,15 @@ def task_windows(tokenizer, samples, windows: int, length: int) -> list[list[int
 
 def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: int, length: int,
                         text: str = BUILTIN_TEXT) -> tuple[list[list[int]], dict]:
-    """The calibration windows of a recipe: prose, then the task's training examples; plus a description."""
+    """The calibration windows of a recipe: prose, then the task's training examples (with ``[tasks]``, every
+    task's in turn: the shared base serves them all); plus a description."""
     prose = token_windows(tokenizer, text_part(text, "calibration", recipe.base_dir), prose_windows, length,
                           spread=True)
-    train = recipe_splits(recipe)["train"]
+    if recipe.tasks.names:
+        per_task = [recipe_splits(recipe.task(name))["train"] for name in recipe.tasks.names]
+        train = [s for group in itertools.zip_longest(*per_task) for s in group if s is not None]
+    else:
+        train = recipe_splits(recipe)["train"]
     task = task_windows(tokenizer, train, task_windows_, length) if task_windows_ else []
     return prose + task, {"text": text, "prose_windows": len(prose), "task_windows": len(task),
                           "window_tokens": length}

@@ -83,7 +83,8 @@ def _generate(args) -> int:
     gate = gate_failure(manifest)
     if gate:
         print(f"edgepeft: warning: {gate}", file=sys.stderr)
-    answer = Runner(folder, manifest).chat(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens)
+    answer = Runner(folder, manifest, args.adapter).chat(args.prompt, system=args.system,
+                                                         max_new_tokens=args.max_new_tokens)
     print(answer.text)
     return 0
 
@@ -131,6 +132,16 @@ def _evaluate(args) -> int:
     quiet()
     recipe = recipe_mod.from_manifest(read_manifest(bundle), f"{bundle}/{MANIFEST}")
     run_dir = Path(args.run) if args.run else RunDir.of_bundle(bundle).path
+    if recipe.tasks.names:  # each runtime adapter against its own reference
+        failed = 0
+        for name in recipe.tasks.names:
+            task = recipe.task(name)
+            result = evaluate_bundle(bundle, task, task.evaluate, Reference.of_run(run_dir, name), adapter=name)
+            print(f"report: {bundle / ('quality-' + name) / 'report.md'} (manifest re-sealed)")
+            if not result["passed"]:
+                print(f"edgepeft: {failure(f'{recipe.name} (adapter {name})', result)}", file=sys.stderr)
+                failed = 1
+        return failed
     result = evaluate_bundle(bundle, recipe, recipe.evaluate, Reference.of_run(run_dir))
     print(f"report: {bundle / 'quality' / 'report.md'} (manifest re-sealed)")
     if not result["passed"]:
@@ -154,16 +165,18 @@ def summary(records: dict[str, dict]) -> None:
         lines.append(f"weights: {mb(f['weight_bytes_before'])} fp32 -> {mb(f['weight_bytes_after'])} "
                      f"{f['quant_type']} ({f['ratio']}x)")
     if "train" in records:
-        f = records["train"]["figures"]
-        lines.append(f"adapter: {f['method']}, {f['trainable_parameters']:,} trainable parameters, "
-                     f"{f.get('step_seconds_median', float('nan')):.2f} s/step, "
-                     f"peak memory {mb(f['peak_memory_bytes'])}")
-        if "validation_exact_match_adapter" in f:
-            lines.append(f"validation exact match: 4-bit base {100 * f['validation_exact_match_base']:.1f}% -> "
-                         f"4-bit base + adapter {100 * f['validation_exact_match_adapter']:.1f}%")
+        figs = records["train"]["figures"]
+        for task, f in (figs.get("tasks") or {None: figs}).items():
+            who = f"[{task}] " if task else ""
+            lines.append(f"{who}adapter: {f['method']}, {f['trainable_parameters']:,} trainable parameters, "
+                         f"{f.get('step_seconds_median', float('nan')):.2f} s/step, "
+                         f"peak memory {mb(f['peak_memory_bytes'])}")
+            if "validation_exact_match_adapter" in f:
+                lines.append(f"{who}validation exact match: 4-bit base {100 * f['validation_exact_match_base']:.1f}% "
+                             f"-> 4-bit base + adapter {100 * f['validation_exact_match_adapter']:.1f}%")
     if "merge" in records:
         f = records["merge"]["figures"]
-        lines.append(f"merge: max |logit diff| vs (4-bit base + adapter) {f['max_logit_diff']:.2e}, "
+        lines.append(f"merge: max |logit diff| vs ({f['reference']}) {f['max_logit_diff']:.2e}, "
                      f"next-token agreement {100 * f['prose']['next_token_agreement']:.2f}%")
     if "export" in records:
         f = records["export"]["figures"]
@@ -192,12 +205,13 @@ def summary(records: dict[str, dict]) -> None:
             lines.append(f"on-device estimate ({f.get('device', 'target device')}): decode "
                          f"{f['device_estimate_ms_per_token']:.2f} ms/token")
     if "evaluate" in records:
-        f = records["evaluate"]["figures"]
-        em = (f"; exact match {100 * f['exact_match_bundle']:.1f}% vs {100 * f['exact_match_reference']:.1f}% on "
-              f"{f['task_examples']} {f['task_split']} prompts" if "exact_match_bundle" in f else "")
-        lines.append(f"quality gate {'passed' if f['passed'] else 'FAILED'} vs (4-bit base + adapter): perplexity "
-                     f"{100 * f['perplexity_increase']:+.1f}%, KL {f['kl']:.3f}, agreement "
-                     f"{100 * f['next_token_agreement']:.1f}%{em}")
+        figs = records["evaluate"]["figures"]
+        for task, f in (figs.get("tasks") or {None: figs}).items():
+            em = (f"; exact match {100 * f['exact_match_bundle']:.1f}% vs {100 * f['exact_match_reference']:.1f}% on "
+                  f"{f['task_examples']} {f['task_split']} prompts" if "exact_match_bundle" in f else "")
+            lines.append(f"{f'[{task}] ' if task else ''}quality gate {'passed' if f['passed'] else 'FAILED'} vs "
+                         f"(4-bit base + adapter): perplexity {100 * f['perplexity_increase']:+.1f}%, KL "
+                         f"{f['kl']:.3f}, agreement {100 * f['next_token_agreement']:.1f}%{em}")
     if lines:
         print("summary:\n  " + "\n  ".join(lines))
 
@@ -269,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system prompt (default: the one the adapter was trained with, if any)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--no-check", action="store_true", help="skip re-hashing the files first")
+    g.add_argument("--adapter", metavar="NAME", help="a multi-adapter bundle's runtime adapter to answer with "
+                                                     "(default: none, the shared base)")
     g.set_defaults(func=_generate)
     return p
 

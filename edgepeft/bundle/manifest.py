@@ -108,7 +108,7 @@ def intact_bundle(folder: Path) -> list[str]:
         return [str(e)]
 
 
-def _safe(folder: Path, rel: str) -> Path:
+def inside_path(folder: Path, rel: str) -> Path:
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel:
         raise EdgepeftError(f"{folder}: manifest names a path outside the bundle: {rel!r}")
@@ -131,25 +131,37 @@ def read_manifest(folder: Path) -> dict:
             and isinstance(manifest.get("files"), dict)):
         raise EdgepeftError(f"{path}: not an {FORMAT} manifest")
     for rel in manifest["files"]:
-        _safe(folder, rel)
+        inside_path(folder, rel)
     model_file, target = manifest.get("model_file"), manifest.get("target")
     if not isinstance(model_file, str) or not isinstance(target, dict):
         raise EdgepeftError(f"{path}: incomplete manifest (model_file and target are required)")
     if model_file not in manifest["files"]:
-        _safe(folder, model_file)
+        inside_path(folder, model_file)
         raise EdgepeftError(f"{path}: model_file {model_file!r} is not one of the bundle's files")
+    adapters = manifest.get("adapters", {})
+    if not isinstance(adapters, dict) or not all(isinstance(a, dict) and isinstance(a.get("file"), str)
+                                                 for a in adapters.values()):
+        raise EdgepeftError(f"{path}: adapters must map each name to a table with its file")
+    for name, entry in adapters.items():
+        inside_path(folder, entry["file"])
+        if entry["file"] not in manifest["files"]:
+            raise EdgepeftError(f"{path}: adapter {name!r}: {entry['file']!r} is not one of the bundle's files")
     return manifest
 
 
 def gate_failure(manifest: dict) -> str | None:
     """What the quality gate found wrong with this bundle, when it ran and failed; None otherwise."""
-    q = manifest.get("quality")
-    if not isinstance(q, dict) or q.get("passed") is not False:
-        return None
-    broken = [r.get("budget", "?") for r in q.get("rows", []) if isinstance(r, dict) and not r.get("passed")]
-    report = q.get("report", "quality/report.md")
-    return (f"this bundle FAILED its quality gate ({', '.join(broken) or 'see below'}; {report}): it does not "
-            "reproduce the model that was trained")
+    gates = [(None, manifest.get("quality"))] + [(name, a.get("quality")) for name, a in
+                                                 (manifest.get("adapters") or {}).items() if isinstance(a, dict)]
+    for adapter, q in gates:
+        if not isinstance(q, dict) or q.get("passed") is not False:
+            continue
+        broken = [r.get("budget", "?") for r in q.get("rows", []) if isinstance(r, dict) and not r.get("passed")]
+        report = q.get("report", "quality/report.md")
+        which = f"adapter {adapter!r} FAILED" if adapter else "FAILED"
+        return (f"this bundle's {which} its quality gate ({', '.join(broken) or 'see below'}; {report}): it does "
+                "not reproduce the model that was trained")
+    return None
 
 
 def check_files(folder: Path, manifest: dict | None = None) -> list[str]:
@@ -163,7 +175,7 @@ def check_files(folder: Path, manifest: dict | None = None) -> list[str]:
     if raw != seal(json.loads(raw)) or json.loads(raw) != manifest:
         problems.append(f"{MANIFEST}: altered (its content does not match its own manifest_sha256)")
     listed = manifest["files"]
-    links = {rel for rel in listed if _safe(folder, rel).is_symlink()}
+    links = {rel for rel in listed if inside_path(folder, rel).is_symlink()}
     problems += [f"{rel}: is a symbolic link" for rel in sorted(links)]
     problems += table_problems(folder, {k: v for k, v in listed.items() if k not in links}, "the manifest")
     for p in sorted(folder.rglob("*")):

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft.bundle.manifest import check_files, read_manifest
+from edgepeft.bundle.manifest import check_files, inside_path, read_manifest
 from edgepeft.core.errors import EdgepeftError, first_line
 from edgepeft.onnx.decoder import context_length
 
@@ -49,13 +49,24 @@ def with_large_stack(fn, size: int = 256 << 20):
 class Runner:
     """Generate from a bundle with onnxruntime-genai only."""
 
-    def __init__(self, folder: Path, manifest: dict | None = None):
+    def __init__(self, folder: Path, manifest: dict | None = None, adapter: str | None = None):
+        """``adapter``: one of the bundle's runtime adapters (its manifest's ``adapters``), active in every
+        generation; None runs the base."""
         import onnxruntime_genai as og
 
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else read_manifest(self.folder)
+        known = self.manifest.get("adapters", {})
+        if adapter is not None and adapter not in known:
+            raise EdgepeftError(f"{folder}: no adapter {adapter!r} in the bundle (it has: "
+                                f"{', '.join(known) or 'none'})")
+        self.adapter, self.adapters = adapter, None
         try:
             self.model = with_large_stack(lambda: og.Model(str(self.folder)))
+            if known:
+                self.adapters = og.Adapters(self.model)
+                for name, entry in known.items():
+                    self.adapters.load(str(inside_path(self.folder, entry["file"])), name)
         except Exception as e:  # the runtime's own message, on one line
             raise EdgepeftError(f"{folder}: onnxruntime-genai cannot load the bundle: {first_line(e)}") from None
         self.tokenizer = og.Tokenizer(self.model)
@@ -87,6 +98,8 @@ class Runner:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + max_new_tokens + reserve, do_sample=False)
         gen = self.og.Generator(self.model, params)
+        if self.adapter is not None:
+            gen.set_active_adapter(self.adapters, self.adapter)
         t0 = time.perf_counter()
         gen.append_tokens(ids)
         out = []
@@ -101,22 +114,26 @@ class Runner:
 
     def chat(self, user: str, system: str | None = None, max_new_tokens: int = 48) -> Answer:
         if system is None:
-            system = self.manifest.get("prompt", {}).get("system")
+            prompt = self.manifest.get("adapters", {}).get(self.adapter, {}).get("prompt") if self.adapter else None
+            system = (prompt or self.manifest.get("prompt", {})).get("system")
         messages = ([("system", system)] if system else []) + [("user", user)]
         return self.generate(self.prompt_ids(messages), max_new_tokens)
 
 
 def verify(folder: Path, generate_tokens: int = 8) -> tuple[list[str], str | None]:
-    """(problems, sample output): re-hash every file, then load the model and generate a few tokens."""
+    """(problems, sample output): re-hash every file, then load the model and generate a few tokens (with each
+    runtime adapter in turn, in a bundle that has them)."""
     manifest = read_manifest(folder)
     problems = check_files(folder, manifest)
     if problems:
         return problems, None
-    try:
-        runner = Runner(folder, manifest)
-        answer = runner.chat("Hello", max_new_tokens=generate_tokens)
-    except EdgepeftError as e:
-        return [str(e)], None
-    if answer.tokens == 0:
-        return ["the model generated no tokens"], None
-    return [], answer.text
+    samples = []
+    for adapter in list(manifest.get("adapters", {})) or [None]:
+        try:
+            answer = Runner(folder, manifest, adapter).chat("Hello", max_new_tokens=generate_tokens)
+        except EdgepeftError as e:
+            return [str(e)], None
+        if answer.tokens == 0:
+            return [f"the model generated no tokens{f' with adapter {adapter}' if adapter else ''}"], None
+        samples.append(f"[{adapter}] {answer.text}" if adapter else answer.text)
+    return [], " / ".join(samples)

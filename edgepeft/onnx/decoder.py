@@ -82,7 +82,7 @@ class Decoder:
     """One decoder graph: ``prefill`` a prompt, then ``step`` one token at a time on the returned cache."""
 
     def __init__(self, model_file: Path, threads: int | None = None, genai_config: Path | None = None,
-                 providers: list[str] | None = None, ort_session=None):
+                 providers: list[str] | None = None, ort_session=None, adapter: Path | None = None):
         cfg = json.loads((genai_config or Path(model_file).parent / "genai_config.json").read_text())["model"]
         dec = cfg["decoder"]
         self.kv_heads, self.head_size = dec["num_key_value_heads"], dec["head_size"]
@@ -92,10 +92,23 @@ class Decoder:
         self.session = ort_session or session(model_file, threads, providers)
         self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # ``adapter``: a runtime adapter file (edgepeft.onnx.switchable) fed with every run, as onnxruntime-genai
+        # feeds the active adapter's tensors
+        self.extra = {}
+        if adapter is not None:
+            from edgepeft.onnx.switchable import read_adapter
+
+            self.extra = read_adapter(Path(adapter))
+            known = {i.name for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
+            unknown = sorted(set(self.extra) - known)
+            if unknown:
+                from edgepeft.core.errors import EdgepeftError
+
+                raise EdgepeftError(f"{adapter}: tensor {unknown[0]!r} is not an input of {Path(model_file).name}")
 
     def run_all(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int) -> dict[str, np.ndarray]:
         """Every output of the graph by name, for ``ids`` after ``cache`` (None: an empty cache)."""
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **self.extra}
         for name in self.past:
             feeds[name] = cache[name] if cache else np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
         return dict(zip(self.outputs, self.session.run(None, feeds), strict=True))

@@ -6,6 +6,11 @@ default, so a recipe says only what differs; an unknown table or key is an error
 ``extends = "android.toml"`` (a path next to the recipe) starts from another recipe: its tables are merged
 key by key, the extending recipe's keys winning. ``export/ios.toml`` is the Android recipe for another
 target, and stays so when the Android recipe changes.
+
+``[tasks.<name>]`` tables make a multi-adapter bundle (issue #17): one adapter per task on the same 4-bit
+base, each switchable at run time over one shared int4 graph. A task's ``adapter``, ``train`` and
+``evaluate`` sub-tables override the recipe's own tables, key by key (``[tasks.calendar.train] data =
+"builtin:calendar-events"``); ``Recipe.task(name)`` is the recipe one task trains and is judged by.
 """
 
 from __future__ import annotations
@@ -35,6 +40,19 @@ from edgepeft.pipeline.target import Target
 
 SECTIONS = TABLES
 DEFAULT_TARGET = "android-arm64"
+TASK_TABLES = ("adapter", "train", "evaluate")  # what a task may override
+SWITCHABLE = ("lora", "ia3")  # the methods a runtime-switchable adapter may use (edgepeft.onnx.switchable)
+
+
+@dataclass
+class Tasks:
+    """The ``[tasks.<name>]`` tables as written: {name: {"adapter": {...}, "train": {...}, "evaluate": {...}}}."""
+
+    tables: dict[str, dict[str, dict]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tables)
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Recipe:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     target: Target = field(default_factory=lambda: Target(DEFAULT_TARGET))  # `target = "<name>"`: targets/<name>.toml
+    tasks: Tasks = field(default_factory=Tasks)
 
     @property
     def base_dir(self) -> Path | None:
@@ -78,16 +97,52 @@ class Recipe:
     def section(self, name: str):
         return getattr(self, name)
 
+    def task(self, name: str) -> Recipe:
+        """The recipe of task ``name``: this one with the task's tables over its own, and no tasks."""
+        table = self.tasks.tables[name]
+        where = f"{self.path or self.name} [tasks.{name}]"
+        sections = {key: from_table(TABLES[key], {**dataclasses.asdict(self.section(key)), **table.get(key, {})},
+                                    f"{where}.{key}") for key in TASK_TABLES}
+        return dataclasses.replace(self, tasks=Tasks(), **sections)
+
+
+def parse_tasks(value, where: str) -> Tasks:
+    if not isinstance(value, dict) or not value:
+        raise EdgepeftError(f"{where}: tasks must hold one table per task ([tasks.<name>.adapter] ...)")
+    for name, table in value.items():
+        if not plain_name(name):
+            raise EdgepeftError(f"{where}: task name {name!r} must be a plain name (it names the adapter's file)")
+        if not isinstance(table, dict):
+            raise EdgepeftError(f"{where}: tasks.{name} must be a table")
+        for key, sub in table.items():
+            if key not in TASK_TABLES:
+                raise EdgepeftError(f"{where}: [tasks.{name}] {key!r}: a task overrides only "
+                                    f"{', '.join('[' + t + ']' for t in TASK_TABLES)}")
+            if not isinstance(sub, dict):
+                raise EdgepeftError(f"{where}: tasks.{name}.{key} must be a table")
+    return Tasks({name: {k: dict(v) for k, v in table.items()} for name, table in value.items()})
+
+
+def check_tasks(recipe: Recipe, where: str) -> None:
+    """Every task's recipe is valid, and every adapter can be switched at run time."""
+    for name in recipe.tasks.names:
+        task = recipe.task(name)
+        if task.adapter.method not in SWITCHABLE or task.adapter.gated:
+            raise EdgepeftError(f"{where}: [tasks.{name}] method {task.adapter.method!r}"
+                                f"{' (gated)' if task.adapter.gated else ''}: a runtime-switchable adapter is LoRA "
+                                "or IA3 (ungated)")
+
 
 def parse(data: dict, where: str, path: Path | None = None) -> Recipe:
-    top = {"name", "target", "extends"}
+    top = {"name", "target", "extends", "tasks"}
     for key, value in data.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise EdgepeftError(f"{where}: {key} must be a table ([{key}])")
         elif key not in top:
             raise EdgepeftError(f"{where}: unknown key or table {key!r} "
-                                f"(known: name, target, extends, {', '.join('[' + s + ']' for s in SECTIONS)})")
+                                f"(known: name, target, extends, {', '.join('[' + s + ']' for s in SECTIONS)}, "
+                                f"[tasks.<name>])")
     name = data.get("name", path.stem if path else "run")
     if not plain_name(name):
         raise EdgepeftError(f"{where}: name must be a plain folder name, got {name!r}")
@@ -96,7 +151,10 @@ def parse(data: dict, where: str, path: Path | None = None) -> Recipe:
     if not isinstance(spec, str) or not spec:
         raise EdgepeftError(f"{where}: target must be a target name or a .toml path, got {spec!r}")
     target = target_mod.load(spec, path.parent if path else None)
-    return Recipe(name=name, path=path, target=target, **sections)
+    tasks = parse_tasks(data["tasks"], where) if "tasks" in data else Tasks()
+    recipe = Recipe(name=name, path=path, target=target, tasks=tasks, **sections)
+    check_tasks(recipe, where)
+    return recipe
 
 
 def resolve_extends(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -138,5 +196,6 @@ def from_manifest(manifest: dict, where: str) -> Recipe:
         table = {k: v for k, v in (rec.get(key) or {}).items() if k in known}
         sections[key] = from_table(cls, table, f"{where} [recipe.{key}]")
     path = Path(rec["path"]) if rec.get("path") else None
-    return Recipe(name=rec.get("name", "bundle"), path=path,
+    tasks = parse_tasks(rec["tasks"], where) if rec.get("tasks") else Tasks()
+    return Recipe(name=rec.get("name", "bundle"), path=path, tasks=tasks,
                   target=target_mod.from_manifest(manifest["target"], f"{where} [target]"), **sections)

@@ -128,6 +128,14 @@ def user_files(recipe, table: str, *keys: str) -> dict[str, list[Path]]:
     return out
 
 
+def task_files(recipe, table: str, *keys: str) -> dict[str, list[Path]]:
+    """``user_files`` of the recipe and of each of its tasks (``tasks.<name>.<table>.<key>``)."""
+    out = user_files(recipe, table, *keys)
+    for name in recipe.tasks.names:
+        out.update({f"tasks.{name}.{k}": v for k, v in user_files(recipe.task(name), table, *keys).items()})
+    return out
+
+
 def hash_files(files: list[Path]) -> str | None:
     """The hash recorded for one declared input: None for none, a folder's tree hash for one folder, else one
     hash over the files' names and contents (``sha256_files``, the base model's hash in a bundle manifest)."""

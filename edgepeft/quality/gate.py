@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft.bundle.manifest import adapter_sha256, add_section, open_for_update
+from edgepeft.bundle.manifest import adapter_sha256, add_section, inside_path, open_for_update
 from edgepeft.bundle.runner import Runner
 from edgepeft.calib.data import recipe_splits
 from edgepeft.calib.sets import disjoint_samples, evaluation_text
@@ -105,8 +105,10 @@ def bundle_exact_match(runner, samples, match, max_new_tokens: int) -> tuple[flo
     return hits / len(samples), answers, tokens / seconds if seconds else float("nan")
 
 
-def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference: Reference) -> dict:
-    """Every quality figure of the bundle against the reference (no verdict)."""
+def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference: Reference,
+            adapter: str | None = None) -> dict:
+    """Every quality figure of the bundle (with runtime adapter ``adapter`` active) against the reference
+    (no verdict)."""
     from transformers import AutoTokenizer
 
     target = from_manifest(manifest["target"], f"{bundle}/manifest.json [target]")
@@ -115,7 +117,8 @@ def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference
     ref_model = reference.load()
     with progress(len(windows), "held-out text (4-bit base + adapter)", "window") as bar:
         ref_logits = torch_reference.logits(ref_model, windows, bar.update)
-    dec = Decoder(bundle / manifest["model_file"], target.threads, bundle / "genai_config.json")
+    feeds = inside_path(bundle, manifest["adapters"][adapter]["file"]) if adapter else None
+    dec = Decoder(bundle / manifest["model_file"], target.threads, bundle / "genai_config.json", adapter=feeds)
     with progress(len(windows), "held-out text (bundle)", "window") as bar:
         logits = []
         for w in windows:
@@ -127,7 +130,7 @@ def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference
     samples, split, dropped = test_prompts(recipe, cfg)
     if samples:
         match = matcher(recipe.train.data)
-        runner = Runner(bundle, manifest)
+        runner = Runner(bundle, manifest, adapter)
         acc, answers, tps = bundle_exact_match(runner, samples, match, cfg.max_new_tokens)
         del runner
         with progress(len(samples), "exact match (4-bit base + adapter)", "example") as bar:
@@ -176,16 +179,24 @@ def report(name: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_bundle(bundle: Path, recipe, cfg: EvaluateConfig, reference: Reference, echo=print) -> dict:
-    """Measure, judge, write the verdict into the bundle and re-seal it; returns the result (no raise)."""
+def evaluate_bundle(bundle: Path, recipe, cfg: EvaluateConfig, reference: Reference, echo=print,
+                    adapter: str | None = None) -> dict:
+    """Measure, judge, write the verdict into the bundle and re-seal it; returns the result (no raise).
+    ``adapter``: judge that runtime adapter of a multi-adapter bundle (``recipe`` is its task's, ``reference``
+    the 4-bit base with that task's adapter); its verdict goes into ``quality-<adapter>/`` and the manifest's
+    ``adapters.<adapter>.quality``."""
 
     bundle = Path(bundle)
     manifest = open_for_update(bundle)
-    if manifest.get("adapter_sha256") and adapter_sha256(reference.adapter) != manifest["adapter_sha256"]:
+    entry = manifest.get("adapters", {}).get(adapter) if adapter else None
+    if adapter and entry is None:
+        raise EdgepeftError(f"{bundle}: no runtime adapter {adapter!r} in the bundle")
+    want = entry["adapter_sha256"] if entry else manifest.get("adapter_sha256")
+    if want and adapter_sha256(reference.adapter) != want:
         raise EdgepeftError(f"{reference.adapter}: not the adapter this bundle was made from (its hash differs "
                             "from the manifest's adapter_sha256)")
 
-    figures = measure(bundle, manifest, recipe, cfg, reference)
+    figures = measure(bundle, manifest, recipe, cfg, reference, adapter)
     rows = verdict(figures, cfg.budgets())
     result = {"format": "edgepeft-quality/1", "passed": passed(rows), "rows": rows, "figures": figures,
               "budgets": as_dict(cfg.budgets()), "settings": as_dict(cfg),
@@ -194,14 +205,20 @@ def evaluate_bundle(bundle: Path, recipe, cfg: EvaluateConfig, reference: Refere
         (folder / "quality.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         (folder / "report.md").write_text(report(manifest["name"], result))
 
-    add_section(bundle, manifest, FOLDER, fill, quality={
-        "passed": result["passed"], "report": f"{FOLDER}/report.md", "rows": rows,
-        **{k: figures[k] for k in ("perplexity_reference", "perplexity", "perplexity_increase", "kl",
-                                   "next_token_agreement", "exact_match_bundle", "exact_match_reference",
-                                   "accuracy_drop") if k in figures}})
+    folder = f"{FOLDER}-{adapter}" if adapter else FOLDER
+    summary = {"passed": result["passed"], "report": f"{folder}/report.md", "rows": rows,
+               **{k: figures[k] for k in ("perplexity_reference", "perplexity", "perplexity_increase", "kl",
+                                          "next_token_agreement", "exact_match_bundle", "exact_match_reference",
+                                          "accuracy_drop") if k in figures}}
+    if adapter:
+        entries = {"adapters": {**manifest["adapters"], adapter: {**entry, "quality": summary}}}
+    else:
+        entries = {"quality": summary}
+    add_section(bundle, manifest, folder, fill, **entries)
     em = (f"; exact match {100 * figures['exact_match_bundle']:.1f}% vs {100 * figures['exact_match_reference']:.1f}%"
           f" on {figures['task_examples']} {figures['task_split']} prompts" if "exact_match_bundle" in figures else "")
-    echo(f"  vs (4-bit base + adapter) on {figures['tokens']} held-out tokens: perplexity "
+    who = f"[{adapter}] " if adapter else ""
+    echo(f"  {who}vs (4-bit base + adapter) on {figures['tokens']} held-out tokens: perplexity "
          f"{figures['perplexity_reference']:.2f} -> {figures['perplexity']:.2f} "
          f"({100 * figures['perplexity_increase']:+.1f}%), KL {figures['kl']:.3f}, agreement "
          f"{100 * figures['next_token_agreement']:.1f}%{em}")

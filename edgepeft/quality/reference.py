@@ -22,9 +22,10 @@ class Reference:
     adapter: Path
 
     @classmethod
-    def of_run(cls, run_dir: Path) -> Reference:
+    def of_run(cls, run_dir: Path, task: str | None = None) -> Reference:
+        """The run's reference; ``task``: that task's adapter in a multi-adapter run."""
         run = RunDir(run_dir)
-        base, adapter = run.quantized_base, run.adapter
+        base, adapter = run.quantized_base, run.adapter / task if task else run.adapter
         if not (base / "config.json").is_file() or not is_adapter_dir(adapter):
             raise EdgepeftError(f"{run_dir}: no trained reference there (needs quantize/model and train/adapter; "
                                 "pass the run folder the bundle was made in with --run)")

@@ -14,7 +14,11 @@ NNAPI, CoreML or XNNPACK would take, and what falls back to the CPU provider (se
 
 Before sealing the manifest the stage measures the bundle's latency as shipped (``[profile]``, see
 ``edgepeft.latency.profile``: load time, prefill and decode by length, memory, the physical floor and the
-on-device estimate, next to the fp32 export), written into ``profile/`` as a report with plots. Its
+on-device estimate, next to the fp32 export), written into ``profile/`` as a report with plots.
+
+A recipe with ``[tasks]`` gets one base graph with adapter slots and one runtime adapter per task in
+``adapters/<task>.onnx_adapter`` (``edgepeft.onnx.switchable``), each listed in the manifest's ``adapters``
+with its method, size, system prompt and hashes; the profile measures the base with no adapter active. Its
 quality is the next stage's job (``evaluate``), which adds ``quality/`` and re-seals. The pipeline writes
 the stage into a temporary folder and renames it when done, so a failure leaves no half bundle.
 """
@@ -36,7 +40,7 @@ from edgepeft.latency.profile import Variant, headline, measure, write_report
 from edgepeft.onnx.adapters import prefix_tokens_of
 from edgepeft.onnx.ortformat import to_ort
 from edgepeft.pipeline.layout import bundle_in
-from edgepeft.pipeline.stage import Stage, StageContext, record_intact, user_files
+from edgepeft.pipeline.stage import Stage, StageContext, record_intact, task_files
 from edgepeft.pipeline.tables import TABLES
 
 # onnxruntime-genai reads tokenizer.json (+ its config); vocab.json/merges.txt would only repeat it (1.3 MB)
@@ -55,6 +59,10 @@ def run(ctx: StageContext) -> None:
     name = f"{recipe.name}-{target.name}"
     out = bundle_in(ctx.out, target.name)
     out.mkdir()
+    model_src = src / "model.onnx"
+    switch = {}
+    if recipe.tasks.names:
+        model_src, switch = _switchable(ctx, model_src, out)
     for f in TOKENIZER_FILES:
         if f == "tokenizer.json" and (src / f).is_file():
             # without the indentation transformers writes: Gemma 3's (262k pieces, 515k merges) 32 MB -> 13.6 MB
@@ -63,7 +71,7 @@ def run(ctx: StageContext) -> None:
         elif (src / f).is_file():
             shutil.copy2(src / f, out / f)
     if "onnx" in target.formats:
-        for f in src.glob("model.onnx*"):
+        for f in model_src.parent.glob("model.onnx*"):
             shutil.copy2(f, out / f.name)
     model_file = MODEL_FILES[target.formats[0]]
     genai = json.loads((src / "genai_config.json").read_text())
@@ -77,10 +85,10 @@ def run(ctx: StageContext) -> None:
     if "ort" in target.formats:
         ort_file = out / MODEL_FILES["ort"]
         t0 = time.time()
-        to_ort(src / "model.onnx", ort_file)
+        to_ort(model_src, ort_file)
         convert_seconds = time.time() - t0
         # the converted file must load as an app loads it, and compute what the ONNX graph computes
-        load = readiness.load_check(ort_file, out / "genai_config.json", src / "model.onnx")
+        load = readiness.load_check(ort_file, out / "genai_config.json", model_src)
         if target.readiness:
             ready = readiness.check(out, ort_file.name, target.readiness, load)
 
@@ -91,11 +99,14 @@ def run(ctx: StageContext) -> None:
         "name": name, "edgepeft": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "target": as_dict(target), "model_file": model_file, "runtime": target.runtime,
         "recipe": {"name": recipe.name, "path": str(recipe.path) if recipe.path else None,
-                   **{s: as_dict(recipe.section(s)) for s in TABLES}},
+                   **{s: as_dict(recipe.section(s)) for s in TABLES},
+                   **({"tasks": recipe.tasks.tables} if recipe.tasks.names else {})},
         "base_model_sha256": ctx.record_of("load")["outside"]["model.source"],
         "adapter_sha256": adapter_sha256(ctx.artifact("train")),
         "prompt": {"system": system_prompt(samples), "stop_token_ids": stops},
     }
+    if switch:
+        manifest["adapters"] = switch["adapters"]
     if ready is not None:
         manifest["readiness"] = readiness.summary(ready)
     reserve = prefix_tokens_of(src / "model.onnx")
@@ -113,7 +124,7 @@ def run(ctx: StageContext) -> None:
     profile = measure(variants, target, recipe.profile)
     manifest["profiles"] = {"profile": write_report(profile, out / "profile", name)}
     lat = headline(profile)
-    figures = {"formats": target.formats, "model_file": model_file,
+    figures = {"formats": target.formats, "model_file": model_file, **({"switchable": switch} if switch else {}),
                "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
                **lat, "device": target.device, "profile_warnings": profile["warnings"]}
     upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize",
@@ -124,6 +135,9 @@ def run(ctx: StageContext) -> None:
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     figures.update(bundle=name, bundle_bytes=total)
     ctx.figures.update(figures)
+    if switch:
+        print(f"  {len(switch['adapters'])} runtime adapters over one base ({switch['slot_nodes']} slot nodes): "
+              + ", ".join(f"{n} ({a['method']}, {a['bytes'] / 1e6:.2f} MB)" for n, a in switch["adapters"].items()))
     line = (f"  {name}: {mb(total)}, decode {lat['decode_ms_per_token']:.2f} ms/token at {lat['context_tokens']} "
             f"tokens of context ({lat['measured_over_floor']:.2f}x the memory floor) and prefill "
             f"{lat['prompt_tokens']} tokens {lat['prefill_ms']:.0f} ms at {lat['threads']} threads")
@@ -133,6 +147,68 @@ def run(ctx: StageContext) -> None:
     if target.max_bundle_mb is not None and total > target.max_bundle_mb * 1e6:
         raise EdgepeftError(f"[bundle] {name} is {mb(total)}, over target {target.name}'s budget of "
                             f"{target.max_bundle_mb:g} MB")
+
+
+def peft_tensors(adapter_dir) -> tuple[dict, dict]:
+    """A peft adapter folder's config and its tensors as float32 numpy arrays."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    state = {k: v.float().numpy() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    return cfg, state
+
+
+def adapter_params(graph, config, adapter_dir) -> tuple[str, dict]:
+    """(method, slot values) of a trained peft LoRA or IA3 for the graph (``edgepeft.onnx.switchable``)."""
+    import math
+
+    from edgepeft.onnx import switchable
+
+    cfg, state = peft_tensors(adapter_dir)
+    if cfg.get("peft_type") == "LORA":
+        scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise EdgepeftError(f"{adapter_dir}: LoRA with per-module ranks or alphas cannot be a runtime adapter yet")
+        return "lora", switchable.lora_params(graph, config, state, scale)
+    if cfg.get("peft_type") == "IA3":
+        feedforward = cfg.get("feedforward_modules") or []
+        return "ia3", switchable.ia3_params(graph, config, state, list(feedforward))
+    raise EdgepeftError(f"{adapter_dir}: a {cfg.get('peft_type')} adapter cannot be a runtime adapter (LoRA or IA3)")
+
+
+def _switchable(ctx: StageContext, model_file, out):
+    """The base graph with every task's adapter slots (written in the stage's work folder) and each task's runtime
+    adapter in ``out/adapters/``; returns the graph's path and what the manifest records."""
+    import onnx
+    from transformers import AutoConfig
+
+    from edgepeft.onnx import switchable
+
+    recipe, adir = ctx.recipe, ctx.artifact("train")
+    config = AutoConfig.from_pretrained(ctx.artifact("merge"))
+    model = onnx.load(str(model_file))
+    params, methods = {}, {}
+    for name in recipe.tasks.names:
+        methods[name], params[name] = adapter_params(model.graph, config, adir / name)
+    slots = switchable.Slots()
+    for p in params.values():
+        slots = slots | switchable.slots_of(model.graph, p)
+    added = switchable.insert_slots(model, slots)
+    path = ctx.work / "switchable" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    (out / "adapters").mkdir()
+    adapters = {}
+    for name in recipe.tasks.names:
+        rel = f"adapters/{name}{switchable.EXTENSION}"
+        switchable.write_adapter(params[name], out / rel)
+        task = recipe.task(name)
+        adapters[name] = {"file": rel, "method": methods[name], "bytes": (out / rel).stat().st_size,
+                          "tensors": len(params[name]), "data": task.train.data,
+                          "adapter_sha256": adapter_sha256(adir / name),
+                          "prompt": {"system": system_prompt(recipe_splits(task)["train"][:64])}}
+    return path, {"adapters": adapters, "slot_nodes": added, "lora_slots": len(slots.lora),
+                  "ia3_slots": len(slots.ia3_out) + len(slots.ia3_in)}
 
 
 def preflight(recipe) -> None:
@@ -153,7 +229,7 @@ def intact(folder, record: dict) -> list[str]:
         f"{b.name}: {p}" for b in bundles for p in intact_bundle(b)]
 
 
-STAGE = Stage("bundle", run, sections=("bundle", "target", "profile"),
-              reads=("heal", "requantize", "export", "load", "quantize", "train"),
-              files=lambda recipe: user_files(recipe, "train", "data", "validation_data"), preflight=preflight,
+STAGE = Stage("bundle", run, sections=("bundle", "target", "profile", "tasks"),
+              reads=("heal", "requantize", "export", "load", "quantize", "train", "merge"),
+              files=lambda recipe: task_files(recipe, "train", "data", "validation_data"), preflight=preflight,
               description="write the deployable bundle, profile its latency, seal its manifest", intact=intact)

@@ -11,6 +11,10 @@ puts into the graph (``edgepeft.adapters.api.merge_into``).
 The stage then checks its own work: on held-out prose (and the task's validation prompts) it compares the
 merged model with the reference the user trained, (4-bit base + adapter), and fails if the largest logit
 difference is above ``max_logit_diff``.
+
+A recipe with ``[tasks]`` keeps its adapters apart, switched at run time over one base graph
+(``edgepeft.onnx.switchable``): the folder then holds the dequantized 4-bit base alone, checked against the
+4-bit base itself; the bundle stage puts each task's adapter into its own file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def run(ctx: StageContext) -> None:
     cfg: MergeConfig = ctx.config
     qdir = ctx.artifact("quantize")
     adir = ctx.artifact("train")
+    if ctx.recipe.tasks.names:
+        _base_only(ctx, cfg, qdir)
+        return
     tokenizer = AutoTokenizer.from_pretrained(adir)
     with torch.no_grad():
         merged = adapters.merge_into(dequantized_model(qdir), adir, ctx.output)
@@ -55,7 +62,32 @@ def run(ctx: StageContext) -> None:
                             f"more than max_logit_diff = {cfg.max_logit_diff:g}")
 
 
-STAGE = Stage("merge", run, sections=("merge",), reads=("quantize", "train"),
+def _base_only(ctx: StageContext, cfg: MergeConfig, qdir) -> None:
+    """The dequantized 4-bit base, saved for export and checked against the 4-bit base it came from."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgepeft.models.pytorch import dequantized_model, load_4bit
+
+    tokenizer = AutoTokenizer.from_pretrained(qdir)
+    with torch.no_grad():
+        base = dequantized_model(qdir)
+        base.save_pretrained(ctx.output, safe_serialization=True)
+    tokenizer.save_pretrained(ctx.output)
+    windows = check_windows(ctx.recipe, tokenizer, cfg.eval_windows, cfg.eval_window_tokens, "merge")
+    prose = compare_logits(load_4bit(qdir, torch.device("cpu")).eval(), base.eval(), windows)
+    worst = prose["max_logit_diff"]
+    ctx.figures.update(reference="4-bit base", adapters="kept apart: runtime-switchable, one per task",
+                       tasks=ctx.recipe.tasks.names, held_out_text=cfg.eval_text, prose=prose, max_logit_diff=worst,
+                       max_logit_diff_allowed=cfg.max_logit_diff)
+    print(f"  base for {len(ctx.recipe.tasks.names)} runtime adapters: dequantized vs 4-bit base max |logit diff| "
+          f"{worst:.2e} (allowed {cfg.max_logit_diff:g})")
+    if not worst <= cfg.max_logit_diff:
+        raise EdgepeftError(f"[merge] the dequantized base differs from the 4-bit base by {worst:.3g} in logits, "
+                            f"more than max_logit_diff = {cfg.max_logit_diff:g}")
+
+
+STAGE = Stage("merge", run, sections=("merge", "tasks"), reads=("quantize", "train"),
               files=lambda recipe: {**user_files(recipe, "merge", "eval_text"),
                                     **user_files(recipe, "train", "data", "validation_data")},
               shared=True, description="merge the adapter into the dequantized base, check it against "

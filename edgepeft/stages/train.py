@@ -28,11 +28,16 @@ from edgepeft.calib.sets import replay_windows
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import resume_checkpoint, write_checkpoint
-from edgepeft.pipeline.stage import Stage, StageContext, user_files
+from edgepeft.pipeline.stage import Stage, StageContext, task_files, user_files
 from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
 
 def preflight(recipe) -> None:
+    for name in recipe.tasks.names:
+        try:
+            preflight(recipe.task(name))
+        except EdgepeftError as e:
+            raise EdgepeftError(f"[tasks.{name}] {e}") from None
     from edgepeft.models.families import adapter_problem, family_of
     from edgepeft.models.sources import load_config, resolve
 
@@ -163,6 +168,20 @@ def _validation(model, tokenizer, samples, cfg: TrainConfig, method: str) -> dic
 
 
 def run(ctx: StageContext) -> None:
+    """One adapter in ``adapter/``, or with ``[tasks]`` one per task in ``adapter/<task>/``, one after the other
+    on the same 4-bit base."""
+    if not ctx.recipe.tasks.names:
+        ctx.figures.update(_fit(ctx, ctx.recipe, ctx.output, ctx.work))
+        return
+    tasks = {}
+    for name in ctx.recipe.tasks.names:
+        print(f"  task {name}:")
+        tasks[name] = _fit(ctx, ctx.recipe.task(name), ctx.output / name, ctx.work / name)
+    ctx.figures.update(tasks=tasks)
+
+
+def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
+    """Train ``recipe``'s adapter into ``output`` (checkpoints in ``work``); returns its figures."""
     import torch
     from accelerate import Accelerator
     from peft import prepare_model_for_kbit_training
@@ -170,9 +189,10 @@ def run(ctx: StageContext) -> None:
 
     from edgepeft.models.pytorch import load_4bit, peak_memory_bytes
 
-    cfg: TrainConfig = ctx.config
-    adapter: AdapterConfig = ctx.recipe.adapter
+    cfg: TrainConfig = recipe.train
+    adapter: AdapterConfig = recipe.adapter
     fp = ctx.fingerprint
+    work.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
@@ -180,10 +200,10 @@ def run(ctx: StageContext) -> None:
 
     qdir = ctx.artifact("quantize")
     tokenizer = AutoTokenizer.from_pretrained(qdir)
-    splits = recipe_splits(ctx.recipe)
+    splits = recipe_splits(recipe)
     train = _encoded(tokenizer, splits["train"], cfg)
     world = accelerator.num_processes
-    prose = replay_windows(ctx.recipe, tokenizer, cfg.steps * cfg.replay_batch * world, cfg.replay_tokens) \
+    prose = replay_windows(recipe, tokenizer, cfg.steps * cfg.replay_batch * world, cfg.replay_tokens) \
         if cfg.replay_batch else []
 
     model = load_4bit(qdir, accelerator.device)
@@ -197,7 +217,7 @@ def run(ctx: StageContext) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
 
     start, losses, replay = 0, [], []
-    saved = resume_checkpoint(ctx.work, fp, ctx.options.get("resume"), ADAPTER_WEIGHTS, cfg.steps, say)
+    saved = resume_checkpoint(work, fp, ctx.options.get("resume"), ADAPTER_WEIGHTS, cfg.steps, say)
     if saved is not None:
         start, losses, replay = _load_checkpoint(saved, model, optimizer, scheduler)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -236,14 +256,14 @@ def run(ctx: StageContext) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", s_per_step=f"{step_times[-1]:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and main:
-            _save_checkpoint(ctx.work, step + 1, fp, accelerator.unwrap_model(model), optimizer, scheduler, losses,
+            _save_checkpoint(work, step + 1, fp, accelerator.unwrap_model(model), optimizer, scheduler, losses,
                              replay)
     bar.close()
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if main:
-        adapters.save(model, ctx.output)
-        tokenizer.save_pretrained(ctx.output)
+        adapters.save(model, output)
+        tokenizer.save_pretrained(output)
 
     figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,
                "processes": world, "global_batch": cfg.batch_size * world, "lr": lr, "steps": cfg.steps,
@@ -257,12 +277,12 @@ def run(ctx: StageContext) -> None:
 
     if cfg.eval_examples > 0 and main:
         figures.update(_validation(model, tokenizer, splits["validation"], cfg, adapter.method))
-    ctx.figures.update(figures)
     if not math.isfinite(losses[-1]):
         raise EdgepeftError("[train] loss became NaN/inf; lower lr")
+    return figures
 
 
-STAGE = Stage("train", run, sections=("train", "adapter"), reads=("load", "quantize"),
-              files=lambda recipe: user_files(recipe, "train", "data", "validation_data", "replay_text"),
+STAGE = Stage("train", run, sections=("train", "adapter", "tasks"), reads=("load", "quantize"),
+              files=lambda recipe: task_files(recipe, "train", "data", "validation_data", "replay_text"),
               preflight=preflight,
               distributed=True, shared=True, description="train the adapter on the frozen 4-bit base")

@@ -1,0 +1,121 @@
+"""A multi-adapter bundle end to end (issue #17): two tasks (LoRA on phone commands, IA3 on calendar events)
+trained on one 4-bit base, one int4 graph with slots, one runtime adapter file each, judged each against its own
+(4-bit base + adapter)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgepeft.cli import main as cli
+from tests.conftest import write_recipe
+
+TASKS = """
+[tasks.phone.adapter]
+method = "lora"
+r = 8
+alpha = 16
+[tasks.calendar.adapter]
+method = "ia3"
+[tasks.calendar.train]
+data = "builtin:calendar-events"
+lr = 0.05
+"""
+
+
+@pytest.fixture(scope="module")
+def multi_run(tmp_path_factory, tiny_model_dir):
+    from edgepeft.pipeline import recipe as recipe_mod
+    from edgepeft.pipeline.runner import run_stages
+    from edgepeft.stages.registry import STAGES
+
+    root = tmp_path_factory.mktemp("multi")
+    recipe = write_recipe(root / "multi.toml", tiny_model_dir, tail=TASKS)
+    out = root / "run"
+    records = run_stages(STAGES, recipe_mod.load(recipe), out, echo=lambda s: None)
+    return {"recipe": recipe, "out": out, "records": records, "bundle": out / "bundle" / "android-arm64"}
+
+
+def test_two_tasks_one_bundle(multi_run, capsys):
+    from edgepeft.bundle.manifest import read_manifest
+    from edgepeft.bundle.runner import verify
+    from edgepeft.onnx.decoder import Decoder
+
+    out, bundle, records = multi_run["out"], multi_run["bundle"], multi_run["records"]
+    train = records["train"]["figures"]["tasks"]
+    assert train["phone"]["method"] == "lora" and train["calendar"]["method"] == "ia3"
+    assert train["calendar"]["trainable_parameters"] < train["phone"]["trainable_parameters"] / 10
+    for task in ("phone", "calendar"):
+        assert (out / "train" / "adapter" / task / "adapter_config.json").is_file()
+    assert records["merge"]["figures"]["reference"] == "4-bit base"
+
+    manifest = read_manifest(bundle)
+    adapters = manifest["adapters"]
+    assert set(adapters) == {"phone", "calendar"}
+    assert {a["method"] for a in adapters.values()} == {"lora", "ia3"}
+    for a in adapters.values():
+        assert a["file"] in manifest["files"] and (bundle / a["file"]).is_file()
+    assert adapters["phone"]["prompt"]["system"] != adapters["calendar"]["prompt"]["system"]
+    assert adapters["calendar"]["bytes"] < adapters["phone"]["bytes"]  # IA3: vectors; LoRA: matrices
+
+    # each gate ran against its own reference and wrote its own report
+    evaluate = records["evaluate"]["figures"]
+    assert evaluate["passed"] and set(evaluate["tasks"]) == {"phone", "calendar"}
+    for task in ("phone", "calendar"):
+        assert adapters[task]["quality"]["passed"] is True
+        assert (bundle / f"quality-{task}" / "report.md").is_file()
+
+    problems, sample = verify(bundle)
+    assert not problems and "[phone]" in sample and "[calendar]" in sample
+
+    # the graph as shipped (ORT format): no adapter is the base; each adapter changes the logits, differently
+    ids = list(range(40, 72))
+    model = bundle / manifest["model_file"]
+    logits = {None: Decoder(model, 1, bundle / "genai_config.json").prefill(ids)[0]}
+    for task in ("phone", "calendar"):
+        logits[task] = Decoder(model, 1, bundle / "genai_config.json", adapter=bundle / adapters[task]["file"]
+                               ).prefill(ids)[0]
+        assert np.abs(logits[task] - logits[None]).max() > 1e-3, task
+    assert np.abs(logits["phone"] - logits["calendar"]).max() > 1e-3
+
+    capsys.readouterr()
+    assert cli(["generate", str(bundle), "set an alarm for seven", "--adapter", "phone", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli(["generate", str(bundle), "hi", "--adapter", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no adapter 'nope' in the bundle (it has: calendar, phone)" in err and "Traceback" not in err
+
+
+def test_task_tables_are_checked(tmp_path, tiny_model_dir, capsys):
+    for tail, words in (
+            ('[tasks.a.adapter]\nmethod = "prefix"\n', "a runtime-switchable adapter is LoRA or IA3"),
+            ('[tasks.a.heal]\nsteps = 1\n', "a task overrides only [adapter], [train], [evaluate]"),
+            ('[tasks."a/b".adapter]\nmethod = "lora"\n', "must be a plain name"),
+            ('[tasks.a.train]\nsteps = -1\n', "[tasks.a].train"),
+    ):
+        recipe = write_recipe(tmp_path / "r.toml", tiny_model_dir, tail=tail)
+        assert cli(["run", str(recipe), "--out", str(tmp_path / "o"), "--to", "load"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (tail, err)
+
+
+def test_a_task_inherits_the_recipes_tables(tmp_path, tiny_model_dir):
+    from edgepeft.pipeline import recipe as recipe_mod
+
+    recipe = recipe_mod.load(write_recipe(tmp_path / "r.toml", tiny_model_dir, tail=TASKS))
+    phone, calendar = recipe.task("phone"), recipe.task("calendar")
+    assert phone.train.data == "builtin:phone-commands" and calendar.train.data == "builtin:calendar-events"
+    assert phone.train.steps == calendar.train.steps == recipe.train.steps == 6
+    assert calendar.train.lr == 0.05 and phone.train.lr == recipe.train.lr
+    assert phone.adapter.r == 8 and calendar.adapter.method == "ia3" and not calendar.tasks.names
+    manifest = {"recipe": {"tasks": recipe.tasks.tables}, "target": json.loads(json.dumps(
+        __import__("dataclasses").asdict(recipe.target)))}
+    assert recipe_mod.from_manifest(manifest, "m").tasks.tables == recipe.tasks.tables
+
+    shipped = recipe_mod.load("export/multi.toml")  # the recipe of `nox -s export-multi`, and its merged twin
+    twin = recipe_mod.load("export/calendar.toml")
+    assert shipped.tasks.names == ["phone", "calendar"] and shipped.task("phone").adapter == recipe_mod.load(
+        "export/android.toml").adapter
+    assert shipped.task("calendar").adapter == twin.adapter and shipped.task("calendar").train == twin.train
