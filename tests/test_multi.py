@@ -67,6 +67,9 @@ def test_two_tasks_one_bundle(multi_run, capsys):
         assert adapters[task]["quality"]["passed"] is True
         assert (bundle / f"quality-{task}" / "report.md").is_file()
 
+    report = (bundle / "profile" / "report.md").read_text()  # the base and each adapter, profiled interleaved
+    assert "bundle + calendar (ia3)" in report and "bundle + phone (lora)" in report
+
     problems, sample = verify(bundle)
     assert not problems and "[phone]" in sample and "[calendar]" in sample
 

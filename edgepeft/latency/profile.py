@@ -63,6 +63,16 @@ class Variant:
     label: str
     model_file: Path
     genai_config: Path
+    adapter: Path | None = None  # a runtime adapter file fed with every run (a multi-adapter bundle's task)
+
+
+def adapter_variants(folder: Path, manifest: dict, label: str) -> list[Variant]:
+    """One variant per runtime adapter of a multi-adapter bundle (none for a bundle without)."""
+    from edgepeft.bundle.manifest import inside_path
+
+    return [Variant(f"{label} + {name} ({entry.get('method', '?')})", folder / manifest["model_file"],
+                    folder / "genai_config.json", inside_path(folder, entry["file"]))
+            for name, entry in sorted(manifest.get("adapters", {}).items())]
 
 
 # ---------------------------------------------------------------- the measuring process (one per variant)
@@ -98,7 +108,7 @@ def _peak_rss() -> float | None:
 
 
 def _worker(conn, model_file: str, genai_config: str, threads: int, providers: list[str], lengths: list[int],
-            decode_tokens: int, seed: int) -> None:
+            decode_tokens: int, seed: int, adapter: str | None = None) -> None:
     try:
         import numpy as np
         import onnxruntime  # noqa: F401  (imported before the baseline: its libraries are not the model's)
@@ -106,7 +116,7 @@ def _worker(conn, model_file: str, genai_config: str, threads: int, providers: l
         rss0 = _rss_now()
         chosen, warnings = resolve_providers(providers)
         t0 = time.perf_counter()
-        dec = Decoder(Path(model_file), threads, Path(genai_config), chosen)
+        dec = Decoder(Path(model_file), threads, Path(genai_config), chosen, adapter=adapter and Path(adapter))
         load_s = time.perf_counter() - t0
         conn.send({"load_seconds": load_s, "rss_before_load_mb": rss0, "providers": dec.session.get_providers(),
                    "warnings": warnings})
@@ -131,7 +141,7 @@ class _Process:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, daemon=True,
                                 args=(child, str(variant.model_file), str(variant.genai_config), threads, providers,
-                                      lengths, decode_tokens, 0))
+                                      lengths, decode_tokens, 0, variant.adapter and str(variant.adapter)))
         self.proc.start()
         child.close()
         self.info = self.recv()
@@ -430,7 +440,8 @@ def profile_bundle(bundle: Path, cfg: ProfileConfig | None = None, target_spec: 
         cfg = from_table(ProfileConfig, manifest.get("recipe", {}).get("profile"), f"{bundle}/manifest.json [profile]")
     own = target.name == manifest["target"]["name"]
     label = f"bundle ({manifest['target'].get('weights', '?')}, {manifest['model_file']})"
-    variants = [Variant(label, bundle / manifest["model_file"], bundle / "genai_config.json")]
+    variants = [Variant(label, bundle / manifest["model_file"], bundle / "genai_config.json"),
+                *adapter_variants(bundle, manifest, "bundle")]
     for p in compare:  # labels key the results: two folders of the same name are told apart by their path
         v = variant_of(p)
         variants.append(v if all(v.label != u.label for u in variants) else variant_of(p, str(p)))

@@ -18,7 +18,8 @@ on-device estimate, next to the fp32 export), written into ``profile/`` as a rep
 
 A recipe with ``[tasks]`` gets one base graph with adapter slots and one runtime adapter per task in
 ``adapters/<task>.onnx_adapter`` (``edgepeft.onnx.switchable``), each listed in the manifest's ``adapters``
-with its method, size, system prompt and hashes; the profile measures the base with no adapter active. Its
+with its method, size, system prompt and hashes; the profile measures the base with no adapter active and
+with each adapter, interleaved. Its
 quality is the next stage's job (``evaluate``), which adds ``quality/`` and re-seals. The pipeline writes
 the stage into a temporary folder and renames it when done, so a failure leaves no half bundle.
 """
@@ -36,7 +37,7 @@ from edgepeft.calib.data import recipe_splits
 from edgepeft.core.config import as_dict
 from edgepeft.core.console import mb
 from edgepeft.core.errors import EdgepeftError
-from edgepeft.latency.profile import Variant, headline, measure, write_report
+from edgepeft.latency.profile import Variant, adapter_variants, headline, measure, write_report
 from edgepeft.onnx.adapters import prefix_tokens_of
 from edgepeft.onnx.ortformat import to_ort
 from edgepeft.pipeline.layout import bundle_in
@@ -117,7 +118,8 @@ def run(ctx: StageContext) -> None:
             f"generator's max_length to prompt + answer + {reserve} and stop after the answer's tokens (the context "
             "in genai_config.json is already shorter by them)")
 
-    variants = [Variant(f"bundle ({target.weights}, {model_file})", out / model_file, out / "genai_config.json")]
+    variants = [Variant(f"bundle ({target.weights}, {model_file})", out / model_file, out / "genai_config.json"),
+                *adapter_variants(out, {"model_file": model_file, **switch}, "bundle")]
     if recipe.profile.compare_fp32:
         fp32 = ctx.artifact("export")
         variants.append(Variant("fp32 export (model.onnx)", fp32 / "model.onnx", fp32 / "genai_config.json"))
