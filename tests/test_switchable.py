@@ -94,8 +94,13 @@ def test_one_graph_two_adapters_switched_in_onnxruntime_genai(fp32_graph, tiny_m
     ia3 = params["ia3"]["model.layers.0.attn.qkv_proj.ia3_out"]
     q = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
     assert np.all(ia3[:q] == 1) and not np.allclose(ia3[q:], 1)  # ones over q, k and v scaled
-    # the files hold what was written
+    # the files hold what was written, in arrays of their own (not views of memory the reader frees)
     back = switchable.read_adapter(files[1][1])
+    import gc
+
+    gc.collect()
+    noise = [np.full(1 << 16, 7.0, np.float32) for _ in range(64)]
+    assert len(noise) == 64
     assert set(back) == set(params["ia3"]) and all(np.array_equal(back[k], params["ia3"][k]) for k in back)
 
     ids = list(range(20, 60))

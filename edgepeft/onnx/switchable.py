@@ -276,4 +276,7 @@ def write_adapter(params: dict[str, np.ndarray], path: Path, model_version: int 
 def read_adapter(path: Path) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    return {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    # copies: an OrtValue's numpy() is a view of memory the adapter object frees when it is collected (the
+    # profile read NaN and crashed with SIGSEGV on such views)
+    return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
