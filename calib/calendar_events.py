@@ -36,7 +36,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from edgepeft.calib.phone_commands import _say_time, number_words
+from edgepeft.calib.phone_commands import number_words, say_time
 
 SYSTEM_PROMPT = "Turn the request into one calendar event as JSON."
 SPLITS = ("train", "validation", "test")
@@ -123,7 +123,7 @@ def say_clock(rng: random.Random, hour24: int, minute: int) -> str:
         return rng.choice(["noon", "midday", "twelve noon"])
     if hour24 >= 13 and rng.random() < 0.1:
         return f"{hour24}:{minute:02d}"
-    return _say_time(rng, hour24, minute)
+    return say_time(rng, hour24, minute)
 
 
 def _event(rng: random.Random) -> tuple[str, dict]:

@@ -67,7 +67,7 @@ def _say_number(rng: random.Random, n: int) -> str:
     return str(n) if rng.random() < 0.4 else number_words(n)
 
 
-def _say_time(rng: random.Random, hour24: int, minute: int) -> str:
+def say_time(rng: random.Random, hour24: int, minute: int) -> str:
     """A spoken form of a clock time: 'seven thirty pm', '7:30 am', 'half past seven in the evening'."""
     ampm = "am" if hour24 < 12 else "pm"
     h12 = hour24 % 12 or 12
@@ -95,7 +95,7 @@ def _time_value(rng: random.Random) -> tuple[int, int]:
 def _alarm(rng):
     h, m = _time_value(rng)
     verb = rng.choice(["set an alarm for", "wake me up at", "alarm at", "i want an alarm at"])
-    return f"{verb} {_say_time(rng, h, m)}", {"action": "set_alarm", "time": f"{h:02d}:{m:02d}"}
+    return f"{verb} {say_time(rng, h, m)}", {"action": "set_alarm", "time": f"{h:02d}:{m:02d}"}
 
 
 def _timer(rng):
@@ -163,8 +163,8 @@ def _navigate(rng):
 def _reminder(rng):
     what = rng.choice(REMINDERS)
     h, m = _time_value(rng)
-    said = rng.choice([f"remind me to {what} at {_say_time(rng, h, m)}",
-                       f"at {_say_time(rng, h, m)} remind me to {what}"])
+    said = rng.choice([f"remind me to {what} at {say_time(rng, h, m)}",
+                       f"at {say_time(rng, h, m)} remind me to {what}"])
     return said, {"action": "reminder", "text": what, "time": f"{h:02d}:{m:02d}"}
 
 
