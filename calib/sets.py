@@ -114,6 +114,29 @@ def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: in
                           "window_tokens": length}
 
 
+def adapter_windows(recipe, tokenizer, prose_windows: int, task_windows_: int, length: int,
+                    text: str = BUILTIN_TEXT) -> tuple[list[list[int]], list[str | None], dict]:
+    """The calibration windows of a recipe with ``[tasks]``, each with the runtime adapter it is computed under
+    (None: the base alone): the prose windows dealt in turn to the base and every task's adapter, then each
+    task's own training examples under its adapter (``task_windows`` shared out among the tasks); plus a
+    description."""
+    names = recipe.tasks.names
+    prose = token_windows(tokenizer, text_part(text, "calibration", recipe.base_dir), prose_windows, length,
+                          spread=True)
+    turn = [None, *names]
+    windows, under = list(prose), [turn[i % len(turn)] for i in range(len(prose))]
+    per_task = {}
+    for k, name in enumerate(names):
+        share = task_windows_ // len(names) + (k < task_windows_ % len(names))
+        found = task_windows(tokenizer, recipe_splits(recipe.task(name))["train"], share, length) if share else []
+        windows += found
+        under += [name] * len(found)
+        per_task[name] = len(found)
+    return windows, under, {"text": text, "prose_windows": len(prose), "task_windows": sum(per_task.values()),
+                            "task_windows_per_adapter": per_task, "window_tokens": length,
+                            "prose_windows_per_adapter": {n or "(base)": under[:len(prose)].count(n) for n in turn}}
+
+
 def replay_windows(recipe, tokenizer, count: int, length: int) -> list[list[int]]:
     """Up to ``count`` windows of ``length`` tokens of the recipe's rehearsal prose (``[train] replay_text``, its
     calibration part), spread over all of it."""

@@ -91,6 +91,49 @@ def test_two_tasks_one_bundle(multi_run, capsys):
     assert "no adapter 'nope' in the bundle (it has: calendar, phone)" in err and "Traceback" not in err
 
 
+def test_heal_fits_the_shared_base_under_each_adapter(multi_run):
+    """The heal stage fits the shared base under each runtime adapter (and the base alone): its calibration
+    windows are dealt to the base and each task, each scored under its adapter; the PyTorch mirror with an
+    adapter's values computes what ONNX Runtime computes with the same values fed to the graph's slots."""
+    import onnx
+    import torch
+    from transformers import AutoConfig
+
+    from edgepeft.heal.mirror import GraphWeights, Mirror
+    from edgepeft.onnx.decoder import Decoder
+    from edgepeft.stages.bundle import adapter_params
+    from edgepeft.stages.heal import _with_accuracy_level, _with_slots
+
+    out, heal = multi_run["out"], multi_run["records"]["heal"]["figures"]
+    about = heal["calibration"]
+    assert set(about["prose_windows_per_adapter"]) == {"(base)", "phone", "calendar"}
+    assert set(about["task_windows_per_adapter"]) == {"phone", "calendar"}
+    assert all(n > 0 for n in about["task_windows_per_adapter"].values())
+    per = heal["calibration_before"]["per_adapter"]
+    assert set(per) == {"(base)", "phone", "calendar"} and per["phone"]["kl"] != per["calendar"]["kl"]
+
+    graph = GraphWeights(onnx.load(str(out / "heal" / "model" / "model.onnx")))
+    config = AutoConfig.from_pretrained(out / "merge" / "model")
+    params = {t: adapter_params(graph.model.graph, config, out / "train" / "adapter" / t)[1]
+              for t in ("phone", "calendar")}
+    mirror = Mirror(graph, config, None)  # float activations, as ONNX Runtime at accuracy level 0
+    dec = Decoder(_with_slots(_with_accuracy_level(graph.model, 0), params).SerializeToString(),  # float activations
+                  genai_config=out / "heal" / "model" / "genai_config.json")
+    ids = list(range(40, 72))
+    seen = {}
+    for task in (None, "phone", "calendar"):
+        mirror.set_adapter(params.get(task))
+        dec.extra = params.get(task, {})
+        with torch.no_grad():
+            mine = mirror.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        ort = dec.prefill(ids)[0]
+        assert np.abs(mine - ort).max() < 1e-3, task
+        seen[task] = mine
+    assert np.abs(seen["phone"] - seen[None]).max() > 1e-3 and np.abs(seen["calendar"] - seen[None]).max() > 1e-3
+    with pytest.raises(ValueError, match="no slot"):
+        mirror.set_adapter({"model.layers.0.attn.nope.lora_A": np.zeros((4, 1), np.float32)})
+
+
 def test_task_tables_are_checked(tmp_path, tiny_model_dir, capsys):
     for tail, words in (
             ('[tasks.a.adapter]\nmethod = "prefix"\n', "a runtime-switchable adapter is LoRA or IA3"),

@@ -310,6 +310,49 @@ class Mirror:
             p.requires_grad_(False)
         self.model = model.eval()
 
+    def set_adapter(self, params: dict[str, np.ndarray] | None) -> None:
+        """Compute as the graph with adapter slots computes when a runtime adapter's values ``params`` are fed
+        (``edgepeft.onnx.switchable``: LoRA's ``(x A) B`` beside a MatMul, IA3's Mul on its input or on its output
+        before the bias); ``None``: the base. The values stay fixed: healing fits the shared base under them."""
+        if not hasattr(self, "_hooks"):
+            self._hooks = []
+            for name, parts in self.linears.items():
+                m = _NODE.match(name)
+                if not m:
+                    continue
+                base = f"model.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+                for ql, start, rows in parts:
+                    self._hooks.append(ql.register_forward_pre_hook(self._scaled_input(base)))
+                    self._hooks.append(ql.register_forward_hook(self._side_output(base, start, rows)))
+        self._active = {} if params is None else {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
+                                                  params.items()}
+        known = {f"model.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}.{kind}" for m in map(_NODE.match, self.linears)
+                 if m for kind in ("lora_A", "lora_B", "ia3_in", "ia3_out")}
+        unknown = sorted(set(self._active) - known)
+        if unknown:
+            raise ValueError(f"adapter tensor {unknown[0]!r} is no slot of the mirrored graph")
+
+    def _scaled_input(self, base: str):
+        def hook(_module, args):
+            vec = self._active.get(f"{base}.ia3_in")
+            return None if vec is None else (args[0] * vec,)
+        return hook
+
+    def _side_output(self, base: str, start: int, rows: int):
+        def hook(module, args, out):
+            a, b = self._active.get(f"{base}.lora_A"), self._active.get(f"{base}.lora_B")
+            vec = self._active.get(f"{base}.ia3_out")
+            if a is None and vec is None:
+                return None
+            bias = module.bias
+            raw = out if bias is None else out - bias
+            if a is not None:
+                raw = raw + (args[0] @ a) @ b[:, start:start + rows]
+            if vec is not None:
+                raw = raw * vec[start:start + rows]
+            return raw if bias is None else raw + bias
+        return hook
+
     def gains(self) -> list[nn.Parameter]:
         """The scales' trainable log-gains, one tensor per MatMul (a fused qkv counts three)."""
         return [ql.log_gain for parts in self.linears.values() for ql, _, _ in parts]

@@ -14,11 +14,19 @@ The fitted values are written back into the graph; ONNX Runtime must then comput
 change against the trained model on calibration windows, before and after, with ONNX Runtime at the
 target's accuracy level; the losses, steps and time. A fit that ends worse than it started on calibration data
 is not shipped (the requantized graph is). ``steps = 0`` passes the requantized graph through.
+
+With ``[tasks]`` the graph is a shared base that ships with runtime adapters (``edgepeft.onnx.switchable``), and
+each adapter is judged against its own (4-bit base + adapter). The base is then fitted under every adapter in
+turn: each calibration window is computed under one adapter (the prose windows dealt to the base alone and to
+each adapter, each task's training examples under its own), its teacher is that adapter merged onto the
+dequantized base, and the mirror applies the adapter's runtime values as the graph's slots will
+(``Mirror.set_adapter``); the adapters stay fixed. The figures are given per adapter too.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import platform
 import shutil
 import time
@@ -26,38 +34,72 @@ import time
 import numpy as np
 
 from edgepeft.adapters import api as adapters
-from edgepeft.calib.sets import calibration_windows
+from edgepeft.calib.sets import adapter_windows, calibration_windows
 from edgepeft.core.console import progress
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import resume_checkpoint, write_atomic
 from edgepeft.onnx.builder import MODEL, copy_beside_graph, save_graph
-from edgepeft.pipeline.stage import Stage, StageContext, user_files
+from edgepeft.pipeline.stage import Stage, StageContext, task_files, user_files
 from edgepeft.pipeline.tables import HealConfig
 from edgepeft.quality.scores import score
 
 SCORED_WINDOWS = 8  # calibration windows (half prose, half task where there are) scored before and after
 
 
-def _scored(windows: list[list[int]], prose: int) -> list[int]:
-    """Indices of the windows scored before and after: alternating prose and task windows."""
-    prose_i, task_i = list(range(prose)), list(range(prose, len(windows)))
-    picked = [i for pair in zip(prose_i, task_i, strict=False) for i in pair]
-    picked += prose_i[len(task_i):] + task_i[len(prose_i):]
-    return picked[:SCORED_WINDOWS]
+def _scored(windows: list[list[int]], prose: int, under: list[str | None]) -> list[int]:
+    """Indices of the windows scored before and after: alternating prose and task windows, and with runtime
+    adapters every adapter's (and the base's) windows in turn."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(windows)):
+        groups.setdefault((under[i] or "", i >= prose), []).append(i)
+    order = sorted(groups, key=lambda k: (k[0], k[1]))
+    picked = [i for row in itertools.zip_longest(*(groups[k] for k in order)) for i in row if i is not None]
+    return picked[:max(SCORED_WINDOWS, 2 * len(order))]
 
 
-def _ort_logits(model, genai, windows: list[list[int]]) -> list:
-    """The graph's logits under ONNX Runtime for each window."""
+def _ort_logits(model, genai, windows: list[list[int]], under: list[str | None] | None = None,
+                params: dict | None = None) -> list:
+    """The graph's logits under ONNX Runtime for each window; with ``under``, each window computed with its
+    runtime adapter's values (``params``) fed to the graph's slots, as onnxruntime-genai feeds them."""
     from edgepeft.onnx.decoder import Decoder
 
     dec = Decoder(model.SerializeToString(), genai_config=genai)
-    return [dec.prefill(w)[0] for w in windows]
+    out = []
+    for k, w in enumerate(windows):
+        dec.extra = params[under[k]] if under and under[k] else {}
+        out.append(dec.prefill(w)[0])
+    return out
 
 
-def _ort_scores(model, genai, teacher, windows, picked) -> dict:
-    """The graph under ONNX Runtime scored against the teacher on the picked windows."""
+def _ort_scores(model, genai, teacher, windows, picked, under=None, params=None) -> dict:
+    """The graph under ONNX Runtime scored against the teacher on the picked windows (each under its adapter),
+    overall and, with adapters, per adapter."""
     ws = [windows[i] for i in picked]
-    return score([teacher[i].float().numpy() for i in picked], _ort_logits(model, genai, ws), ws)
+    logits = _ort_logits(model, genai, ws, [under[i] for i in picked] if under else None, params)
+    overall = score([teacher[i].float().numpy() for i in picked], logits, ws)
+    if not under:
+        return overall
+    per = {}
+    for name in dict.fromkeys(under[i] for i in picked):
+        ks = [k for k, i in enumerate(picked) if under[i] == name]
+        per[name or "(base)"] = _rounded(score([teacher[picked[k]].float().numpy() for k in ks],
+                                               [logits[k] for k in ks], [ws[k] for k in ks]))
+    return {**overall, "per_adapter": per}
+
+
+def _with_slots(model, params: dict):
+    """A copy of the graph with the slots of every runtime adapter in ``params`` (their defaults: the base)."""
+    import onnx
+
+    from edgepeft.onnx import switchable
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    slots = switchable.Slots()
+    for p in params.values():
+        slots = slots | switchable.slots_of(copy.graph, p)
+    switchable.insert_slots(copy, slots)
+    return copy
 
 
 def _with_accuracy_level(model, level: int):
@@ -98,27 +140,52 @@ def run(ctx: StageContext) -> None:
     genai = src / "genai_config.json"
     t_start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(src)
-    windows, about = calibration_windows(ctx.recipe, tokenizer, cfg.prose_windows, cfg.task_windows,
-                                         cfg.window_tokens, ctx.recipe.requantize.calib_text)
+    names = ctx.recipe.tasks.names
+    if names:
+        windows, under, about = adapter_windows(ctx.recipe, tokenizer, cfg.prose_windows, cfg.task_windows,
+                                                cfg.window_tokens, ctx.recipe.requantize.calib_text)
+    else:
+        windows, about = calibration_windows(ctx.recipe, tokenizer, cfg.prose_windows, cfg.task_windows,
+                                             cfg.window_tokens, ctx.recipe.requantize.calib_text)
+        under = [None] * len(windows)
     if not windows:
         raise EdgepeftError(f"[heal] no calibration window of {cfg.window_tokens} tokens in "
                             f"{ctx.recipe.requantize.calib_text!r} or the task's training examples")
 
     # The trained model, (4-bit base + adapter), as the merge stage wrote it: the adapter merged onto the exactly
     # dequantized base, checked there to agree within [merge] max_logit_diff; plain fp32, faster on a CPU
-    # than bitsandbytes' 4-bit layers with the adapter beside them.
-    teacher_model = adapters.load_merged(ctx.artifact("merge"))
+    # than bitsandbytes' 4-bit layers with the adapter beside them. With [tasks] the merge stage wrote the base
+    # alone, and each task's teacher is its adapter merged onto it here, as its single-task merge would be: the
+    # shared base is fitted to every (4-bit base + adapter) under that adapter's runtime values, and to the base.
+    teacher = [None] * len(windows)
     with progress(len(windows), "trained model's log-probabilities", "window") as bar:
-        teacher = teacher_log_probs(teacher_model, windows, bar.update)
-    del teacher_model
-    gc.collect()
+        for name in dict.fromkeys(under):
+            idx = [i for i, u in enumerate(under) if u == name]
+            teacher_model = adapters.load_merged(ctx.artifact("merge"))
+            if name is not None:
+                from peft import PeftModel
+
+                teacher_model = PeftModel.from_pretrained(teacher_model, ctx.artifact("train") / name)
+                teacher_model = teacher_model.merge_and_unload().eval()
+            for i, lp in zip(idx, teacher_log_probs(teacher_model, [windows[i] for i in idx], bar.update),
+                             strict=True):
+                teacher[i] = lp
+            del teacher_model
+            gc.collect()
     teacher_seconds = time.time() - t_start
 
     graph = GraphWeights(onnx.load(str(src / MODEL)))
-    picked = _scored(windows, about["prose_windows"])
-    before = _ort_scores(graph.model, genai, teacher, windows, picked)
-
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
+    params = {}
+    if names:
+        from edgepeft.stages.bundle import adapter_params
+
+        params = {name: adapter_params(graph.model.graph, config, ctx.artifact("train") / name)[1]
+                  for name in names}
+    picked = _scored(windows, about["prose_windows"], under)
+    scoring = (lambda m: _with_slots(m, params)) if names else (lambda m: m)
+    before = _ort_scores(scoring(graph.model), genai, teacher, windows, picked, under if names else None, params)
+
     scheme = kernels.activation_rounding
     merged = ctx.artifact("merge")
     mirror = Mirror(graph, config, scheme, kernels.bf16_scales, adapters.unmerged_spec(merged),
@@ -127,15 +194,19 @@ def run(ctx: StageContext) -> None:
     saved = resume_checkpoint(ctx.work, ctx.fingerprint, ctx.options.get("resume"), WEIGHTS, cfg.steps)
     start = fit.load(saved) if saved is not None else 0
     t_fit = time.time()
-    with progress(cfg.steps, f"heal (KL to the trained model, {scheme or 'float'} activations)", "step",
-                  initial=start) as bar:
+    what = f"{scheme or 'float'} activations" + (f", under {len(names)} adapters and the base" if names else "")
+    with progress(cfg.steps, f"heal (KL to the trained model, {what})", "step", initial=start) as bar:
         for step in range(start, cfg.steps):
             i = window_of(step, len(windows), cfg.seed)
+            if names:
+                mirror.set_adapter(params.get(under[i]))
             fit.step(windows[i], teacher[i])
             bar.update(1)
             bar.set_postfix(kl=f"{np.mean(fit.losses[-len(windows):]):.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 fit.save(ctx.work, step + 1, ctx.fingerprint)
+    if names:
+        mirror.set_adapter(None)
     fit_seconds = time.time() - t_fit
     mirror.write_back()
 
@@ -151,7 +222,7 @@ def run(ctx: StageContext) -> None:
         raise EdgepeftError(f"[heal] ONNX Runtime's logits differ from the PyTorch mirror's by {mirror_diff:.2e} "
                             f"(max_mirror_diff {cfg.max_mirror_diff:g}): the fitted values were not written "
                             "back as the mirror computes them")
-    fitted = _ort_scores(graph.model, genai, teacher, windows, picked)
+    fitted = _ort_scores(scoring(graph.model), genai, teacher, windows, picked, under if names else None, params)
     # Never ship a graph the fit made worse (too few steps for the learning rate, say): keep the requantized one.
     healed = fitted["kl"] < before["kl"]
     if healed:
@@ -191,8 +262,8 @@ def run(ctx: StageContext) -> None:
               "[heal] steps or a lower lr)")
 
 
-STAGE = Stage("heal", run, sections=("heal", "requantize", "kernels"), reads=("requantize", "merge"),
+STAGE = Stage("heal", run, sections=("heal", "requantize", "kernels", "tasks"), reads=("requantize", "merge", "train"),
               files=lambda recipe: {**user_files(recipe, "requantize", "calib_text"),
-                                    **user_files(recipe, "train", "data", "validation_data")},
+                                    **task_files(recipe, "train", "data", "validation_data")},
               shared=True, description="fit the int4 graph's scales and norm weights to the trained model "
                                        "(distillation, on the target's kernels)")
