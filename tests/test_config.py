@@ -71,6 +71,20 @@ def test_a_recipe_extends_another_key_by_key(tmp_path):
     assert recipe.load(tmp_path / "nameless.toml").name == "nameless"  # the base's name is not inherited
 
 
+def test_an_extending_recipe_changes_one_key_of_a_task(tmp_path):
+    """Tables nested in ``[tasks]`` merge key by key too: one key of one task, the rest inherited."""
+    (tmp_path / "base.toml").write_text('name = "base"\n[tasks.phone.adapter]\nmethod = "lora"\n'
+                                        '[tasks.cal.adapter]\nmethod = "ia3"\n'
+                                        '[tasks.cal.train]\ndata = "builtin:calendar-events"\nlr = 0.1\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[tasks.cal.train]\nreplay_batch = 2\n')
+    r = recipe.load(tmp_path / "child.toml")
+    cal = r.task("cal")
+    assert set(r.tasks.names) == {"phone", "cal"}
+    assert (cal.adapter.method, cal.train.data, cal.train.lr, cal.train.replay_batch) == \
+        ("ia3", "builtin:calendar-events", 0.1, 2)
+    assert r.task("phone").train.replay_batch == 0
+
+
 @pytest.mark.parametrize("text, words", [
     ('extends = "a.toml"\n', "makes a cycle"),
     ('extends = "missing.toml"\n', "no such file"),

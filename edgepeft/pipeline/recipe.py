@@ -168,15 +168,17 @@ def resolve_extends(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict
     if base_path in seen or base_path == path.resolve():
         raise EdgepeftError(f"{path}: extends {spec} makes a cycle")
     base = resolve_extends(load_toml(base_path), base_path, (*seen, path.resolve()))
-    merged = {k: v for k, v in base.items() if k not in ("name", "extends")}
-    for key, value in data.items():
-        if key == "extends":
-            continue
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
+    return _merged({k: v for k, v in base.items() if k not in ("name", "extends")},
+                   {k: v for k, v in data.items() if k != "extends"})
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` merged onto ``base`` key by key, at every depth (``[tasks.calendar.train] lr`` in an extending
+    recipe changes that one key of that task, not the whole ``[tasks]`` table)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load(path: str | Path) -> Recipe:
