@@ -101,7 +101,7 @@ def test_heal_fits_the_shared_base_under_each_adapter(multi_run):
 
     from edgepeft.heal.mirror import GraphWeights, Mirror
     from edgepeft.onnx.decoder import Decoder
-    from edgepeft.stages.bundle import adapter_params
+    from edgepeft.onnx.switchable import adapter_params
     from edgepeft.stages.heal import _with_accuracy_level, _with_slots
 
     out, heal = multi_run["out"], multi_run["records"]["heal"]["figures"]

@@ -26,6 +26,7 @@ Slot names follow the HF module names: ``model.layers.<i>.<attn|mlp>.<proj>.lora
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,3 +281,28 @@ def read_adapter(path: Path) -> dict[str, np.ndarray]:
     # copies: an OrtValue's numpy() is a view of memory the adapter object frees when it is collected (the
     # profile read NaN and crashed with SIGSEGV on such views)
     return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+
+
+def peft_tensors(adapter_dir) -> tuple[dict, dict]:
+    """A peft adapter folder's config and its tensors as float32 numpy arrays."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    state = {k: v.float().numpy() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    return cfg, state
+
+
+def adapter_params(graph, config, adapter_dir) -> tuple[str, dict]:
+    """(method, slot values) of a trained peft LoRA or IA3 for the graph (``edgepeft.onnx.switchable``)."""
+    import math
+
+    cfg, state = peft_tensors(adapter_dir)
+    if cfg.get("peft_type") == "LORA":
+        scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise EdgepeftError(f"{adapter_dir}: LoRA with per-module ranks or alphas cannot be a runtime adapter yet")
+        return "lora", lora_params(graph, config, state, scale)
+    if cfg.get("peft_type") == "IA3":
+        feedforward = cfg.get("feedforward_modules") or []
+        return "ia3", ia3_params(graph, config, state, list(feedforward))
+    raise EdgepeftError(f"{adapter_dir}: a {cfg.get('peft_type')} adapter cannot be a runtime adapter (LoRA or IA3)")

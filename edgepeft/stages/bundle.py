@@ -151,33 +151,6 @@ def run(ctx: StageContext) -> None:
                             f"{target.max_bundle_mb:g} MB")
 
 
-def peft_tensors(adapter_dir) -> tuple[dict, dict]:
-    """A peft adapter folder's config and its tensors as float32 numpy arrays."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    state = {k: v.float().numpy() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
-    return cfg, state
-
-
-def adapter_params(graph, config, adapter_dir) -> tuple[str, dict]:
-    """(method, slot values) of a trained peft LoRA or IA3 for the graph (``edgepeft.onnx.switchable``)."""
-    import math
-
-    from edgepeft.onnx import switchable
-
-    cfg, state = peft_tensors(adapter_dir)
-    if cfg.get("peft_type") == "LORA":
-        scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
-        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            raise EdgepeftError(f"{adapter_dir}: LoRA with per-module ranks or alphas cannot be a runtime adapter yet")
-        return "lora", switchable.lora_params(graph, config, state, scale)
-    if cfg.get("peft_type") == "IA3":
-        feedforward = cfg.get("feedforward_modules") or []
-        return "ia3", switchable.ia3_params(graph, config, state, list(feedforward))
-    raise EdgepeftError(f"{adapter_dir}: a {cfg.get('peft_type')} adapter cannot be a runtime adapter (LoRA or IA3)")
-
-
 def _switchable(ctx: StageContext, model_file, out):
     """The base graph with every task's adapter slots (written in the stage's work folder) and each task's runtime
     adapter in ``out/adapters/``; returns the graph's path and what the manifest records."""
@@ -191,7 +164,7 @@ def _switchable(ctx: StageContext, model_file, out):
     model = onnx.load(str(model_file))
     params, methods = {}, {}
     for name in recipe.tasks.names:
-        methods[name], params[name] = adapter_params(model.graph, config, adir / name)
+        methods[name], params[name] = switchable.adapter_params(model.graph, config, adir / name)
     slots = switchable.Slots()
     for p in params.values():
         slots = slots | switchable.slots_of(model.graph, p)

@@ -178,7 +178,7 @@ def run(ctx: StageContext) -> None:
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
     params = {}
     if names:
-        from edgepeft.stages.bundle import adapter_params
+        from edgepeft.onnx.switchable import adapter_params
 
         params = {name: adapter_params(graph.model.graph, config, ctx.artifact("train") / name)[1]
                   for name in names}
