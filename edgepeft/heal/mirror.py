@@ -314,23 +314,21 @@ class Mirror:
         """Compute as the graph with adapter slots computes when a runtime adapter's values ``params`` are fed
         (``edgepeft.onnx.switchable``: LoRA's ``(x A) B`` beside a MatMul, IA3's Mul on its input or on its output
         before the bias); ``None``: the base. The values stay fixed: healing fits the shared base under them."""
-        if not hasattr(self, "_hooks"):
-            self._hooks = []
+        if not hasattr(self, "_slots"):  # hooks on every projection, once; they read the active values
+            self._slots = set()
             for name, parts in self.linears.items():
                 m = _NODE.match(name)
                 if not m:
                     continue
                 base = f"model.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+                self._slots |= {f"{base}.{kind}" for kind in ("lora_A", "lora_B", "ia3_in", "ia3_out")}
                 for ql, start, rows in parts:
-                    self._hooks.append(ql.register_forward_pre_hook(self._scaled_input(base)))
-                    self._hooks.append(ql.register_forward_hook(self._side_output(base, start, rows)))
-        self._active = {} if params is None else {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
-                                                  params.items()}
-        known = {f"model.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}.{kind}" for m in map(_NODE.match, self.linears)
-                 if m for kind in ("lora_A", "lora_B", "ia3_in", "ia3_out")}
-        unknown = sorted(set(self._active) - known)
+                    ql.register_forward_pre_hook(self._scaled_input(base))
+                    ql.register_forward_hook(self._side_output(base, start, rows))
+        unknown = sorted(set(params or ()) - self._slots)
         if unknown:
             raise ValueError(f"adapter tensor {unknown[0]!r} is no slot of the mirrored graph")
+        self._active = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in (params or {}).items()}
 
     def _scaled_input(self, base: str):
         def hook(_module, args):

@@ -189,6 +189,14 @@ def slots_of(graph, params: dict[str, np.ndarray]) -> Slots:
     return Slots(frozenset(lora), frozenset(ia3_out), frozenset(ia3_in))
 
 
+def slots_for(graph, adapters) -> Slots:
+    """The slots that every adapter's values in ``adapters`` (an iterable of ``params``) need together."""
+    slots = Slots()
+    for params in adapters:
+        slots = slots | slots_of(graph, params)
+    return slots
+
+
 def _rename_consumers(graph, old: str, new: str, skip) -> None:
     for n in graph.node:
         if n is skip:
@@ -293,7 +301,7 @@ def peft_tensors(adapter_dir) -> tuple[dict, dict]:
 
 
 def adapter_params(graph, config, adapter_dir) -> tuple[str, dict]:
-    """(method, slot values) of a trained peft LoRA or IA3 for the graph (``edgepeft.onnx.switchable``)."""
+    """(method, slot values) of a trained peft LoRA or IA3 for the graph's slots."""
     import math
 
     cfg, state = peft_tensors(adapter_dir)

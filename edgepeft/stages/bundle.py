@@ -165,9 +165,7 @@ def _switchable(ctx: StageContext, model_file, out):
     params, methods = {}, {}
     for name in recipe.tasks.names:
         methods[name], params[name] = switchable.adapter_params(model.graph, config, adir / name)
-    slots = switchable.Slots()
-    for p in params.values():
-        slots = slots | switchable.slots_of(model.graph, p)
+    slots = switchable.slots_for(model.graph, params.values())
     added = switchable.insert_slots(model, slots)
     path = ctx.work / "switchable" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,9 +52,8 @@ def _scored(windows: list[list[int]], prose: int, under: list[str | None]) -> li
     groups: dict[tuple, list[int]] = {}
     for i in range(len(windows)):
         groups.setdefault((under[i] or "", i >= prose), []).append(i)
-    order = sorted(groups, key=lambda k: (k[0], k[1]))
-    picked = [i for row in itertools.zip_longest(*(groups[k] for k in order)) for i in row if i is not None]
-    return picked[:max(SCORED_WINDOWS, 2 * len(order))]
+    picked = [i for row in itertools.zip_longest(*(groups[k] for k in sorted(groups))) for i in row if i is not None]
+    return picked[:max(SCORED_WINDOWS, 2 * len(groups))]
 
 
 def _ort_logits(model, genai, windows: list[list[int]], under: list[str | None] | None = None,
@@ -95,10 +94,7 @@ def _with_slots(model, params: dict):
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    slots = switchable.Slots()
-    for p in params.values():
-        slots = slots | switchable.slots_of(copy.graph, p)
-    switchable.insert_slots(copy, slots)
+    switchable.insert_slots(copy, switchable.slots_for(copy.graph, params.values()))
     return copy
 
 
