@@ -47,7 +47,7 @@ class EvaluateConfig:
     text: str = "builtin:python-docs"  # held-out prose (its evaluation part), a text file, or JSONL
     windows: int = 8
     window_tokens: int = 256
-    test_examples: int = 128  # task prompts answered (0: skip); built-in tasks use their test split
+    test_examples: int = 512  # task prompts answered (0: skip); built-in tasks' test split (512: see calib)
     max_new_tokens: int = 48
     # Budgets against (4-bit base + adapter); `inf` (or 0 for the minimum) switches one off.
     max_perplexity_increase: float = 0.15  # 0.15: perplexity at most 15% above the reference's
