@@ -36,12 +36,11 @@ import json
 import random
 from dataclasses import dataclass
 
-from edgepeft.calib.phone_commands import number_words, say_time
+from edgepeft.calib.phone_commands import DEFAULT_SIZES, number_words, say_time
 
 SYSTEM_PROMPT = "Turn the request into one calendar event as JSON."
 SPLITS = ("train", "validation", "test")
 _SPLIT_WEIGHTS = {"train": 0.8, "validation": 0.1, "test": 0.1}
-DEFAULT_SIZES = {"train": 2000, "validation": 64, "test": 512}
 
 # No word list may hold a day, a number, "am"/"pm", "at", "for", "from", "to" or "next": the title is copied,
 # so nothing in it may read as another part of the request.
