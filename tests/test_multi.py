@@ -50,6 +50,9 @@ def test_two_tasks_one_bundle(multi_run, capsys):
     for task in ("phone", "calendar"):
         assert (out / "train" / "adapter" / task / "adapter_config.json").is_file()
     assert records["merge"]["figures"]["reference"] == "4-bit base"
+    # the shared base's GPTQ statistics were taken under each task's adapter, on its own examples
+    under = records["requantize"]["figures"]["statistics_under_adapters"]
+    assert under["task_windows_per_adapter"] == {"phone": 1, "calendar": 1}
 
     manifest = read_manifest(bundle)
     adapters = manifest["adapters"]
@@ -101,8 +104,8 @@ def test_heal_fits_the_shared_base_under_each_adapter(multi_run):
 
     from edgepeft.heal.mirror import GraphWeights, Mirror
     from edgepeft.onnx.decoder import Decoder
-    from edgepeft.onnx.switchable import adapter_params
-    from edgepeft.stages.heal import _with_accuracy_level, _with_slots
+    from edgepeft.onnx.switchable import adapter_params, with_slots
+    from edgepeft.stages.heal import _with_accuracy_level
 
     out, heal = multi_run["out"], multi_run["records"]["heal"]["figures"]
     about = heal["calibration"]
@@ -117,7 +120,7 @@ def test_heal_fits_the_shared_base_under_each_adapter(multi_run):
     params = {t: adapter_params(graph.model.graph, config, out / "train" / "adapter" / t)[1]
               for t in ("phone", "calendar")}
     mirror = Mirror(graph, config, None)  # float activations, as ONNX Runtime at accuracy level 0
-    dec = Decoder(_with_slots(_with_accuracy_level(graph.model, 0), params).SerializeToString(),  # float activations
+    dec = Decoder(with_slots(_with_accuracy_level(graph.model, 0), params).SerializeToString(),  # float activations
                   genai_config=out / "heal" / "model" / "genai_config.json")
     ids = list(range(40, 72))
     seen = {}

@@ -157,3 +157,38 @@ def test_an_adapter_on_a_projection_the_graph_lacks_is_refused(fp32_graph, tiny_
              "base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight": np.zeros((256, 2), np.float32)}
     with pytest.raises(EdgepeftError, match="no projection for layer 0's gate_up_proj"):
         switchable.lora_params(model.graph, AutoConfig.from_pretrained(tiny_model_dir), state, 1.0)
+
+
+def test_quantization_statistics_are_taken_under_each_adapter(fp32_graph, tiny_model_dir):
+    """GPTQ's statistics of a shared base are those of the inputs each MatMul multiplies in use: down's input
+    under an IA3 on down alone is the base's scaled by the IA3 vector; under a LoRA every layer after the first
+    sees other inputs; the base's own windows give the base's statistics; keys are the slot-free graph's input
+    names."""
+    import onnx
+    from transformers import AutoConfig
+
+    from edgepeft.onnx import quant
+    from edgepeft.onnx.decoder import Decoder
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    model = onnx.load(str(fp32_graph / "model.onnx"))
+    adapters = _peft_adapters(tiny_model_dir)
+    params = {"lora": switchable.lora_params(model.graph, config, adapters["lora"][1], 8 / 4),
+              "ia3": switchable.ia3_params(model.graph, config, adapters["ia3"][1], ["down_proj"])}
+    slot = "model.layers.0.mlp.down_proj.ia3_in"
+    vec = params["ia3"][slot]
+    params["down"] = {slot: vec}
+    factory = lambda data: Decoder(data, genai_config=fp32_graph / "genai_config.json")  # noqa: E731
+    window = [list(range(20, 52))]
+    base = quant.input_statistics(model, window, factory)
+    got = {u: quant.adapter_statistics(model, window, [u], params, factory) for u in (None, "down", "lora")}
+    assert set(got["down"]) == set(base) and len(model.graph.node) == len(onnx.load(
+        str(fp32_graph / "model.onnx")).graph.node)  # the caller's graph is left without slots
+    for name in base:
+        assert np.allclose(got[None][name][0], base[name][0], rtol=1e-6, atol=1e-9)
+    down = next(n.input[0] for n in model.graph.node if n.name == "/model/layers.0/mlp/down_proj/MatMul")
+    assert not np.allclose(vec, 1)
+    assert np.allclose(got["down"][down][0], base[down][0] * np.outer(vec, vec), rtol=1e-4, atol=1e-7)
+    last = next(n.input[0] for n in model.graph.node
+                if n.name == f"/model/layers.{config.num_hidden_layers - 1}/attn/qkv_proj/MatMul")
+    assert not np.allclose(got["lora"][last][0], base[last][0], rtol=1e-3)

@@ -210,12 +210,15 @@ def weight_matmuls(model) -> list:
 
 
 def input_statistics(model, windows: list[list[int]], decoder_factory, full: bool = True,
-                     progress=None) -> dict[str, tuple[np.ndarray, int]]:
+                     progress=None, feeds: list[dict] | None = None,
+                     nodes: set[str] | None = None) -> dict[str, tuple[np.ndarray, int]]:
     """E[x x^T] (``full``) or E[x^2] of every weight MatMul's input over the calibration ``windows``:
-    {input tensor name: (matrix or vector, tokens)}. ``decoder_factory(model_bytes)`` builds a Decoder."""
+    {input tensor name: (matrix or vector, tokens)}. ``decoder_factory(model_bytes)`` builds a Decoder;
+    ``feeds``: extra graph inputs for each window (a runtime adapter's slot values); ``nodes``: only these
+    MatMuls."""
     import onnx
 
-    names = sorted({n.input[0] for n in weight_matmuls(model)})
+    names = sorted({n.input[0] for n in weight_matmuls(model) if nodes is None or n.name in nodes})
     outputs = model.graph.output
     before = len(outputs)
     existing = {o.name for o in outputs}
@@ -227,7 +230,9 @@ def input_statistics(model, windows: list[list[int]], decoder_factory, full: boo
         del outputs[before:]
     sums: dict[str, np.ndarray] = {}
     tokens = 0
-    for w in windows:
+    for k, w in enumerate(windows):
+        if feeds is not None:
+            decoder.extra = feeds[k]
         outs = decoder.run_all(np.asarray([w], np.int64), None, len(w))
         for name in names:
             x = outs[name].reshape(-1, outs[name].shape[-1]).astype(np.float64)
@@ -237,6 +242,22 @@ def input_statistics(model, windows: list[list[int]], decoder_factory, full: boo
         if progress:
             progress(1)
     return {k: (v / tokens, tokens) for k, v in sums.items()}
+
+
+def adapter_statistics(model, windows: list[list[int]], under: list, params: dict, decoder_factory,
+                       full: bool = True, progress=None) -> dict[str, tuple[np.ndarray, int]]:
+    """``input_statistics`` of the graph that serves runtime adapters (``edgepeft.onnx.switchable``): each
+    window computed with its adapter's slot values (``under[k]``: a name in ``params``, or None for the base),
+    so that a MatMul's statistics are those of the inputs it multiplies in use, IA3's scaling of a
+    feed-forward input and every upstream LoRA included. Keyed by the input names of ``model`` (no slots)."""
+    from edgepeft.onnx.switchable import with_slots
+
+    slotted = with_slots(model, params)
+    originals = {n.name: n.input[0] for n in weight_matmuls(model)}
+    stats = input_statistics(slotted, windows, decoder_factory, full, progress,
+                             [params[u] if u is not None else {} for u in under], set(originals))
+    seen = {n.name: n.input[0] for n in slotted.graph.node if n.name in originals}
+    return {originals[name]: stats[x] for name, x in seen.items()}
 
 
 def keep_initializers(model, keep) -> None:

@@ -267,6 +267,17 @@ def insert_slots(model, slots: Slots) -> int:
     return added
 
 
+def with_slots(model, params: dict):
+    """A copy of ``model`` with the slots of every runtime adapter in ``params`` ({name: slot values}; their
+    defaults: the base unchanged)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    insert_slots(copy, slots_for(copy.graph, params.values()))
+    return copy
+
+
 def write_adapter(params: dict[str, np.ndarray], path: Path, model_version: int = 1) -> None:
     """``params`` as an ONNX Runtime adapter file (written beside, then renamed into place)."""
     import onnxruntime as ort

@@ -86,18 +86,6 @@ def _ort_scores(model, genai, teacher, windows, picked, under=None, params=None)
     return {**overall, "per_adapter": per}
 
 
-def _with_slots(model, params: dict):
-    """A copy of the graph with the slots of every runtime adapter in ``params`` (their defaults: the base)."""
-    import onnx
-
-    from edgepeft.onnx import switchable
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    switchable.insert_slots(copy, switchable.slots_for(copy.graph, params.values()))
-    return copy
-
-
 def _with_accuracy_level(model, level: int):
     import onnx
 
@@ -174,12 +162,12 @@ def run(ctx: StageContext) -> None:
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
     params = {}
     if names:
-        from edgepeft.onnx.switchable import adapter_params
+        from edgepeft.onnx.switchable import adapter_params, with_slots
 
         params = {name: adapter_params(graph.model.graph, config, ctx.artifact("train") / name)[1]
                   for name in names}
     picked = _scored(windows, about["prose_windows"], under)
-    scoring = (lambda m: _with_slots(m, params)) if names else (lambda m: m)
+    scoring = (lambda m: with_slots(m, params)) if names else (lambda m: m)
     before = _ort_scores(scoring(graph.model), genai, teacher, windows, picked, under if names else None, params)
 
     scheme = kernels.activation_rounding

@@ -8,6 +8,8 @@ picks the kernels' ``accuracy_level`` (int8 activations, level 4, use the intege
 Method (``edgepeft.onnx.quant``): ``gptq`` (default), ``clip`` (activation-aware range search) or ``rtn``
 (round-to-nearest). Both calibrated methods read the inputs of every MatMul on the calibration set
 (``edgepeft.calib.sets``: windows of the calibration part of the prose and of the task's training examples).
+With ``[tasks]`` the base serves runtime adapters, and the statistics are taken with them active
+(``quant.adapter_statistics``): each window under one adapter or the base, as the heal stage deals them.
 
 Mixed precision (``edgepeft.onnx.mixed``): the all-int4 model is scored against the fp32 export on the
 calibration windows. If it misses the recipe's ``[evaluate]`` budgets, tightened by ``margin``, the fewest
@@ -37,7 +39,7 @@ from edgepeft.quality.scores import passed, table, verdict
 
 def run(ctx: StageContext) -> None:
     import onnx
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     cfg: RequantizeConfig = ctx.config
     target, budgets = ctx.recipe.target, ctx.recipe.evaluate.budgets()
@@ -55,10 +57,28 @@ def run(ctx: StageContext) -> None:
     fp32 = onnx.load(str(src / MODEL))
     t0 = time.time()
     stats = {}
-    if cfg.method != "rtn":
+    factory = lambda data: Decoder(data, genai_config=genai)  # noqa: E731
+    under_adapters = None
+    if cfg.method != "rtn" and ctx.recipe.tasks.names:
+        # A shared base serves runtime adapters: its statistics are taken under them, each window under one
+        # adapter (the prose dealt to the base and to each adapter, each task's examples under its own), as heal
+        # fits it. Calibrated on the base alone, GPTQ weighs the down projections' input channels as the base
+        # uses them, not as an IA3 scales them.
+        from edgepeft.calib.sets import adapter_windows
+        from edgepeft.onnx.switchable import adapter_params
+
+        cal, under, under_adapters = adapter_windows(ctx.recipe, tokenizer, cfg.calib_windows,
+                                                     cfg.calib_task_windows, cfg.calib_window_tokens, cfg.calib_text)
+        config = AutoConfig.from_pretrained(ctx.artifact("merge"))
+        params = {name: adapter_params(fp32.graph, config, ctx.artifact("train") / name)[1]
+                  for name in ctx.recipe.tasks.names}
+        with progress(len(cal), f"calibration statistics (under {len(params)} adapters and the base)",
+                      "window") as bar:
+            stats = quant.adapter_statistics(fp32, cal, under, params, factory, full=cfg.method == "gptq",
+                                             progress=bar.update)
+    elif cfg.method != "rtn":
         with progress(len(windows), "calibration statistics", "window") as bar:
-            stats = quant.input_statistics(fp32, windows, lambda data: Decoder(data, genai_config=genai),
-                                           full=cfg.method == "gptq", progress=bar.update)
+            stats = quant.input_statistics(fp32, windows, factory, full=cfg.method == "gptq", progress=bar.update)
     cands = Candidates(fp32, target, cfg.method, stats, cfg.gptq_damp, cfg.gptq_act_order)
     with progress(len(cands.nodes), f"quantize ({cfg.method}, int{target.bits})", "matmul") as bar:
         for name in cands.nodes:
@@ -90,7 +110,7 @@ def run(ctx: StageContext) -> None:
     save_graph(model, out)
     q_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     int8 = sorted(cands.always) + (found["int8"] if found else [])
-    detail = {"method": cfg.method, "calibration": about, "bits": {n: 8 if n in int8 else target.bits
+    detail = {"method": cfg.method, "calibration": under_adapters or about, "bits": {n: 8 if n in int8 else target.bits
                                                                     for n in cands.nodes}}
     if found:
         detail.update(search_order=found["order"], sensitivity=found["gains"], steps=found["steps"])
@@ -100,7 +120,8 @@ def run(ctx: StageContext) -> None:
         method=cfg.method, weights=target.weights, block_size=target.block_size, symmetric=target.symmetric,
         activations=target.activations, matmulnbits=ops.count("MatMulNBits"), int8_matmuls=len(int8),
         int8_matmul_names=int8, embedding=embedding, fp32_bytes=fp32_bytes, quantized_bytes=q_bytes,
-        ratio=round(fp32_bytes / q_bytes, 2), calibration=about, quantize_seconds=round(quantize_seconds, 1),
+        ratio=round(fp32_bytes / q_bytes, 2), calibration=about,
+        statistics_under_adapters=under_adapters, quantize_seconds=round(quantize_seconds, 1),
         calibration_scores={"uniform": first, "final": final}, budgets_met_on_calibration=passed(
             verdict(final, budgets, cfg.margin)), search_steps=found["steps"] if found else [])
     print(f"  {mb(fp32_bytes)} -> {mb(q_bytes)} ({len(int8)} of {len(cands.nodes)} MatMuls at int8, embedding "
@@ -138,7 +159,8 @@ def _check_widths(recipe, block: int, name: str) -> None:
                             f"block_size {block} (int4 blocks run along it): use {hint}")
 
 
-STAGE = Stage("requantize", run, sections=("requantize", "precision", "evaluate"), reads=("export", "train"),
+STAGE = Stage("requantize", run, sections=("requantize", "precision", "evaluate"),
+              reads=("export", "train", "merge"),
               preflight=preflight,
               files=lambda recipe: {**user_files(recipe, "requantize", "calib_text"),
                                     **user_files(recipe, "train", "data", "validation_data")},
