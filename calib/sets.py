@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 
-from edgepeft.calib.data import encode, read_jsonl, recipe_splits, resolve_path
+from edgepeft.calib.data import IGNORE, encode, read_jsonl, recipe_splits, resolve_path
 from edgepeft.calib.text import python_docs, token_windows
 
 from edgepeft.core.errors import EdgepeftError
@@ -88,20 +88,30 @@ def disjoint_samples(samples, train) -> tuple[list, int]:
     return kept, len(samples) - len(kept)
 
 
-def task_windows(tokenizer, samples, windows: int, length: int) -> list[list[int]]:
-    """Training samples encoded as in training, concatenated and cut into ``windows`` windows of ``length``."""
+def task_windows(tokenizer, samples, windows: int, length: int, answers: list | None = None) -> list[list[int]]:
+    """Training samples encoded as in training, concatenated and cut into ``windows`` windows of ``length``.
+    ``answers``, when given, receives one mask per window: 1 at the positions that predict an answer token (the
+    positions training takes its loss from), 0 elsewhere."""
     ids: list[int] = []
+    mask: list[int] = []
     for s in samples:
         if len(ids) >= windows * length:
             break
-        ids += encode(tokenizer, s, length)[0]
-    return [ids[i * length:(i + 1) * length] for i in range(min(windows, len(ids) // length))]
+        x, labels = encode(tokenizer, s, length)
+        ids += x
+        mask += [int(lab != IGNORE) for lab in labels]
+    count = min(windows, len(ids) // length)
+    if answers is not None:  # position t predicts token t + 1: the mask is the labels' shifted one to the left
+        answers += [mask[i * length + 1:(i + 1) * length + 1] + [0] * (i * length + length + 1 > len(mask))
+                    for i in range(count)]
+    return [ids[i * length:(i + 1) * length] for i in range(count)]
 
 
 def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: int, length: int,
-                        text: str = BUILTIN_TEXT) -> tuple[list[list[int]], dict]:
+                        text: str = BUILTIN_TEXT, answers: list | None = None) -> tuple[list[list[int]], dict]:
     """The calibration windows of a recipe: prose, then the task's training examples (with ``[tasks]``, every
-    task's in turn: the shared base serves them all); plus a description."""
+    task's in turn: the shared base serves them all); plus a description. ``answers``, when given, receives
+    each window's answer mask (``task_windows``; None for prose)."""
     prose = token_windows(tokenizer, text_part(text, "calibration", recipe.base_dir), prose_windows, length,
                           spread=True)
     if recipe.tasks.names:
@@ -109,29 +119,37 @@ def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: in
         train = [s for group in itertools.zip_longest(*per_task) for s in group if s is not None]
     else:
         train = recipe_splits(recipe)["train"]
-    task = task_windows(tokenizer, train, task_windows_, length) if task_windows_ else []
+    masks: list = []
+    task = task_windows(tokenizer, train, task_windows_, length, masks) if task_windows_ else []
+    if answers is not None:
+        answers += [None] * len(prose) + masks
     return prose + task, {"text": text, "prose_windows": len(prose), "task_windows": len(task),
                           "window_tokens": length}
 
 
 def adapter_windows(recipe, tokenizer, prose_windows: int, task_windows_: int, length: int,
-                    text: str = BUILTIN_TEXT) -> tuple[list[list[int]], list[str | None], dict]:
+                    text: str = BUILTIN_TEXT, answers: list | None = None
+                    ) -> tuple[list[list[int]], list[str | None], dict]:
     """The calibration windows of a recipe with ``[tasks]``, each with the runtime adapter it is computed under
     (None: the base alone): the prose windows dealt in turn to the base and every task's adapter, then each
     task's own training examples under its adapter (``task_windows`` shared out among the tasks); plus a
-    description."""
+    description. ``answers`` as in ``calibration_windows``."""
     names = recipe.tasks.names
     prose = token_windows(tokenizer, text_part(text, "calibration", recipe.base_dir), prose_windows, length,
                           spread=True)
     turn = [None, *names]
     windows, under = list(prose), [turn[i % len(turn)] for i in range(len(prose))]
+    masks: list = [None] * len(prose)
     per_task = {}
     for k, name in enumerate(names):
         share = task_windows_ // len(names) + (k < task_windows_ % len(names))
-        found = task_windows(tokenizer, recipe_splits(recipe.task(name))["train"], share, length) if share else []
+        found = task_windows(tokenizer, recipe_splits(recipe.task(name))["train"], share, length,
+                             masks) if share else []
         windows += found
         under += [name] * len(found)
         per_task[name] = len(found)
+    if answers is not None:
+        answers += masks
     return windows, under, {"text": text, "prose_windows": len(prose), "task_windows": sum(per_task.values()),
                             "task_windows_per_adapter": per_task, "window_tokens": length,
                             "prose_windows_per_adapter": {n or "(base)": under[:len(prose)].count(n) for n in turn}}

@@ -239,3 +239,30 @@ def test_every_window_once_per_epoch_in_a_fresh_order():
     logits = torch.randn(5, 30)
     assert abs(float(kl_loss(torch.log_softmax(logits, -1).half(), logits))) < 1e-3  # KL(p || p) = 0
     assert float(kl_loss(torch.log_softmax(logits, -1).half(), torch.randn(5, 30))) > 0.1
+    # weighted by position: all the weight on the one position that differs gives that position's KL
+    other = logits.clone()
+    other[2] = torch.randn(30)
+    teacher = torch.log_softmax(logits, -1).half()
+    one = float(kl_loss(teacher[2:3], other[2:3]))
+    assert float(kl_loss(teacher, other)) == pytest.approx(one / 5, rel=1e-3)
+    assert float(kl_loss(teacher, other, torch.tensor([1.0, 1, 1e6, 1, 1]))) == pytest.approx(one, rel=1e-3)
+
+
+def test_answer_masks_mark_the_positions_that_predict_answers(smollm_tokenizer_dir):
+    """The heal's answer weight falls on the positions whose next token is an answer token of a training
+    example (what training took its loss on): decoded, those next tokens are the examples' answers."""
+    from edgepeft.calib.data import builtin_splits
+    from edgepeft.calib.sets import task_windows
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    samples = builtin_splits("calendar-events")["train"][:40]
+    masks: list = []
+    windows = task_windows(tok, samples, 3, 256, masks)
+    assert len(masks) == len(windows) == 3 and all(len(m) == len(w) for m, w in zip(masks, windows, strict=True))
+    flat = [t for w in windows for t in w]
+    flat_mask = [b for m in masks for b in m]
+    answers = tok.decode([flat[t + 1] for t in range(len(flat) - 1) if flat_mask[t]])
+    assert samples[0].reference in answers and samples[1].reference in answers
+    assert 0 < sum(flat_mask) < len(flat_mask) / 2  # the prompts (system, question) outweigh the answers
+    assert samples[0].messages[0][1] not in answers

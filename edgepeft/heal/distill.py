@@ -35,10 +35,12 @@ def teacher_log_probs(model, windows: list[list[int]], progress: Callable[[int],
     return out
 
 
-def kl_loss(teacher: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher || softmax(logits)), in nats per token."""
+def kl_loss(teacher: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions of KL(teacher || softmax(logits)), in nats per token; with ``weights``, the mean
+    weighted by position."""
     t = teacher.float()
-    return (t.exp() * (t - torch.log_softmax(logits.float(), -1))).sum(-1).mean()
+    kl = (t.exp() * (t - torch.log_softmax(logits.float(), -1))).sum(-1)
+    return kl.mean() if weights is None else (kl * weights).sum() / weights.sum()
 
 
 def window_of(step: int, n: int, seed: int) -> int:
@@ -70,9 +72,9 @@ class Distiller:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, steps))
         self.losses: list[float] = []
 
-    def step(self, window: list[int], teacher: torch.Tensor) -> float:
+    def step(self, window: list[int], teacher: torch.Tensor, weights: torch.Tensor | None = None) -> float:
         logits = self.mirror.model(input_ids=torch.tensor([window])).logits[0]
-        loss = kl_loss(teacher, logits)
+        loss = kl_loss(teacher, logits, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -222,6 +222,9 @@ class HealConfig:
     prose_windows: int = 64  # calibration windows of prose (the calibration part of [requantize] calib_text)
     task_windows: int = 32  # windows of the task's training examples
     window_tokens: int = 256
+    # Weight of the positions that predict a task window's answer tokens, against 1 for every other position: a
+    # fit to every token of the task windows (mostly system prompt and question) lowered KL but cost the answers
+    answer_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 24
     # The check of the written graph: ONNX Runtime with float activations vs the PyTorch mirror, largest
@@ -235,6 +238,8 @@ class HealConfig:
             return "prose_windows and task_windows must not be negative, and not both zero"
         if self.window_tokens < 2 or self.max_mirror_diff <= 0:
             return "window_tokens must be at least 2 and max_mirror_diff positive"
+        if self.answer_weight < 1:
+            return "answer_weight must be at least 1"
         return None
 
 

@@ -125,13 +125,16 @@ def run(ctx: StageContext) -> None:
     t_start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(src)
     names = ctx.recipe.tasks.names
+    answers: list = []
     if names:
         windows, under, about = adapter_windows(ctx.recipe, tokenizer, cfg.prose_windows, cfg.task_windows,
-                                                cfg.window_tokens, ctx.recipe.requantize.calib_text)
+                                                cfg.window_tokens, ctx.recipe.requantize.calib_text, answers)
     else:
         windows, about = calibration_windows(ctx.recipe, tokenizer, cfg.prose_windows, cfg.task_windows,
-                                             cfg.window_tokens, ctx.recipe.requantize.calib_text)
+                                             cfg.window_tokens, ctx.recipe.requantize.calib_text, answers)
         under = [None] * len(windows)
+    weights = [None if m is None or cfg.answer_weight == 1 else 1 + (cfg.answer_weight - 1) * torch.tensor(
+        m, dtype=torch.float32) for m in answers]
     if not windows:
         raise EdgepeftError(f"[heal] no calibration window of {cfg.window_tokens} tokens in "
                             f"{ctx.recipe.requantize.calib_text!r} or the task's training examples")
@@ -184,7 +187,7 @@ def run(ctx: StageContext) -> None:
             i = window_of(step, len(windows), cfg.seed)
             if names:
                 mirror.set_adapter(params.get(under[i]))
-            fit.step(windows[i], teacher[i])
+            fit.step(windows[i], teacher[i], weights[i])
             bar.update(1)
             bar.set_postfix(kl=f"{np.mean(fit.losses[-len(windows):]):.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
@@ -220,6 +223,7 @@ def run(ctx: StageContext) -> None:
     losses = fit.losses
     figures = {
         "healed": healed, "steps": cfg.steps, "resumed_from_step": start, "activation_rounding": scheme,
+        "answer_weight": cfg.answer_weight,
         "bf16_scales": kernels.bf16_scales,
         "architecture": kernels.architecture, "norms": cfg.norms, "lr": cfg.lr, "calibration": about,
         "scales": int(sum(p.numel() for p in fit.params["gains"])),
