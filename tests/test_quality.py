@@ -168,3 +168,30 @@ def test_mixed_precision_search_promotes_only_what_the_budget_needs(tiny_run, tm
     detail = json.loads((out / "requantize" / "quantization.json").read_text())
     assert sum(b == 8 for b in detail["bits"].values()) == f["int8_matmuls"]
     assert set(detail["search_order"][:f["int8_matmuls"]]) == set(f["int8_matmul_names"])
+
+
+def test_keep_int8_holds_the_named_matmuls_at_int8(tiny_run, tmp_path, tiny_model_dir):
+    """``[requantize] keep_int8`` names MatMuls by a part of their node names: those, and only those (and the
+    head where the target keeps it at int8), are int8 in the graph; a name that matches nothing fails in one line."""
+    import onnx
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], out)
+    path = write_recipe(tmp_path / "tiny.toml", tiny_model_dir)
+    path.write_text(path.read_text().replace("[requantize]\n", '[requantize]\nkeep_int8 = ["down_proj"]\n'))
+    records = run_stages(STAGES, recipe_mod.load(path), out, first="requantize", last="requantize",
+                         echo=lambda s: None)
+    f = records["requantize"]["figures"]
+    model = onnx.load(str(out / "requantize" / "model" / "model.onnx"))
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+    down = {n for n in bits if "down_proj" in n}
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert len(down) == layers
+    assert {n for n, b in bits.items() if b == 8} - {n for n in bits if n.startswith("/lm_head")} == down
+    assert set(f["int8_matmul_names"]) >= {n.rsplit("_Q", 1)[0] for n in down} and f["quantized_bytes"] > tiny_run["records"]["requantize"][
+        "figures"]["quantized_bytes"]
+
+    path.write_text(path.read_text().replace('keep_int8 = ["down_proj"]', 'keep_int8 = ["no_such_proj"]'))
+    with pytest.raises(EdgepeftError, match="keep_int8 'no_such_proj' names no weight MatMul"):
+        run_stages(STAGES, recipe_mod.load(path), out, first="requantize", last="requantize", echo=lambda s: None)

@@ -29,7 +29,8 @@ class Candidates:
     """The fp32 graph and each weight MatMul quantized at the target's bits and at int8 (made on demand,
     kept); ``build`` assembles the graph for any choice of MatMuls at int8."""
 
-    def __init__(self, fp32_model, target, method: str, stats: dict, damp: float, act_order: bool = False):
+    def __init__(self, fp32_model, target, method: str, stats: dict, damp: float, act_order: bool = False,
+                 keep_int8: list[str] | tuple = ()):
         import onnx
         from onnx import numpy_helper
 
@@ -47,6 +48,13 @@ class Candidates:
         self.head = next((n for n in self.nodes if n.startswith("/lm_head")), None)
         # at int8 whatever is chosen (the target's head precision); the rest is what a search may promote
         self.always = {self.head} if self.head and target.head == "int8" else set()
+        # ``keep_int8``: parts of node names ("down_proj", "layers.29/") whose MatMuls stay at int8 whatever is chosen
+        for part in keep_int8:
+            hits = {n for n in self.nodes if part in n}
+            if not hits:
+                raise EdgepeftError(f"[requantize] keep_int8 {part!r} names no weight MatMul of the graph (they are "
+                                    f"named like {self.nodes[0]!r})")
+            self.always |= hits
         self.searchable = [n for n in self.nodes if n not in self.always]
         self._cache: dict[tuple[str, int], object] = {}
         # the graph without the weights every build replaces (a build copies this, not 0.5 GB of fp32)
@@ -68,7 +76,7 @@ class Candidates:
             else:
                 imp = None if h is None else (np.diag(h).copy() if h.ndim == 2 else h)
                 block = t.block_size
-                if name in self.always and w.shape[0] % HEAD_INT8_BLOCK == 0:
+                if name == self.head and name in self.always and w.shape[0] % HEAD_INT8_BLOCK == 0:
                     block = max(block, HEAD_INT8_BLOCK)
                 self._cache[key] = quant.quantize_rtn(w, bits, block, t.symmetric, imp)
         return self._cache[key]

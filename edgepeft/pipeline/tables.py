@@ -192,8 +192,13 @@ class RequantizeConfig:
     # GPTQ rounds the inputs with the most energy first (block ranges then chosen up front): on Gemma 3 270M at
     # block 128, calibration KL 0.58 -> 0.52; off by default, so the SmolLM2 figures stay those measured
     gptq_act_order: bool = False
+    # MatMuls kept at int8 whatever the search finds: each entry a part of their node names ("down_proj" keeps
+    # every layer's down projection), as ORT's and Olive's nodes_to_exclude name them
+    keep_int8: list[str] = field(default_factory=list)
 
     def check(self) -> str | None:
+        if any(not isinstance(p, str) or not p for p in self.keep_int8):
+            return "keep_int8 must be a list of non-empty strings (parts of MatMul node names)"
         if min(self.calib_windows, self.calib_window_tokens - 1, self.measure_windows,
                self.sensitivity_windows) <= 0 or self.calib_task_windows < 0:
             return "calib_windows, calib_window_tokens, measure_windows, sensitivity_windows must be positive"

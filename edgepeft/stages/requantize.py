@@ -79,7 +79,7 @@ def run(ctx: StageContext) -> None:
     elif cfg.method != "rtn":
         with progress(len(windows), "calibration statistics", "window") as bar:
             stats = quant.input_statistics(fp32, windows, factory, full=cfg.method == "gptq", progress=bar.update)
-    cands = Candidates(fp32, target, cfg.method, stats, cfg.gptq_damp, cfg.gptq_act_order)
+    cands = Candidates(fp32, target, cfg.method, stats, cfg.gptq_damp, cfg.gptq_act_order, cfg.keep_int8)
     with progress(len(cands.nodes), f"quantize ({cfg.method}, int{target.bits})", "matmul") as bar:
         for name in cands.nodes:
             cands.quantized(name, 8 if name in cands.always else target.bits)
@@ -91,7 +91,8 @@ def run(ctx: StageContext) -> None:
     model, embedding = cands.build()
     first = scorer(model)
     rows = verdict(first, budgets, cfg.margin)
-    head = ", head int8" if cands.always else ""
+    kept = len(cands.always - {cands.head})
+    head = (", head int8" if cands.head in cands.always else "") + (f", {kept} MatMuls kept at int8" if kept else "")
     print(f"  {cfg.method} int{target.bits} block {target.block_size}{head}: {mb(first['bytes'])}; "
           f"on {first['tokens']} "
           f"calibration tokens vs fp32 (worst of prose and task): perplexity "
