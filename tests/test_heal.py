@@ -216,6 +216,49 @@ def test_heal_resumes_exactly(tmp_path, tiny_run, monkeypatch):
         assert np.allclose(ga.array(node.input[2]), gb.array(node.input[2]), rtol=1e-5, atol=0)
 
 
+def test_answer_agreement_counts_the_answer_positions_where_the_graph_picks_the_teachers_token(tiny_run):
+    import onnx
+
+    from edgepeft.stages.heal import _answer_agreement, _ort_logits
+
+    src = tiny_run["out"] / "requantize" / "model"
+    model = onnx.load(str(src / "model.onnx"))
+    genai = src / "genai_config.json"
+    rng = np.random.default_rng(0)
+    windows = [[int(t) for t in rng.integers(0, 200, 16)] for _ in range(3)]
+    logits = _ort_logits(model, genai, windows)
+    teacher = [torch.log_softmax(torch.from_numpy(x), -1) for x in logits]
+    answers = [None, [0] * 6 + [1] * 10, [1] * 4 + [0] * 12]  # a prose window, two task windows: 14 answer positions
+    assert _answer_agreement(model, genai, teacher, windows, answers) == {"(task)": 1.0}
+    moved = [t.clone() for t in teacher]
+    for w, pos in ((1, 7), (1, 15), (2, 0), (0, 3)):  # three answer positions and one prose one lose their top token
+        moved[w][pos] = moved[w][pos].flip(0)
+    assert _answer_agreement(model, genai, moved, windows, answers) == {"(task)": round(11 / 14, 5)}
+    per = _answer_agreement(model, genai, moved, windows, answers, under=[None, "a", "b"], params={"a": {}, "b": {}})
+    assert per == {"a": 0.8, "b": 0.75}
+
+
+def test_a_fit_that_costs_the_answers_is_not_shipped(tmp_path, tiny_run, monkeypatch):
+    """Lower KL is not enough: a fit that moves any task's answers away from the trained model's (teacher-forced,
+    on its calibration windows) ships the requantized graph instead."""
+    from edgepeft.stages import heal
+
+    out = run_before_heal(tiny_run, tmp_path / "d" / "run")
+    calls = []
+
+    def agreement(*args, **kw):
+        calls.append(args)
+        return {"(task)": 0.9 if len(calls) == 1 else 0.9 - 2 * heal.ANSWER_TOLERANCE}
+
+    monkeypatch.setattr(heal, "_answer_agreement", agreement)
+    rec = run_stages(STAGES, recipe_mod.load(tiny_run["recipe"]), out, first="heal", last="heal",
+                     echo=lambda s: None)["heal"]["figures"]
+    assert len(calls) == 2 and rec["answers_lost"] == ["(task)"] and not rec["healed"]
+    assert rec["calibration_fitted"]["kl"] < rec["calibration_before"]["kl"]  # the KL alone would have shipped it
+    assert (out / "heal" / "model" / "model.onnx").read_bytes() == \
+        (tiny_run["out"] / "requantize" / "model" / "model.onnx").read_bytes()
+
+
 def test_heal_steps_zero_passes_the_graph_through(tmp_path, tiny_run):
     out = run_before_heal(tiny_run, tmp_path / "c" / "run")
     text = tiny_run["recipe"].read_text().replace("[heal]\nsteps = 4", "[heal]\nsteps = 0")
