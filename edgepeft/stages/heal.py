@@ -13,7 +13,10 @@ The fitted values are written back into the graph; ONNX Runtime must then comput
 (float activations, ``[heal] max_mirror_diff``) or the stage fails. Figures: KL, agreement and perplexity
 change against the trained model on calibration windows, before and after, with ONNX Runtime at the
 target's accuracy level; the losses, steps and time. A fit that ends worse than it started on calibration data
-is not shipped (the requantized graph is). ``steps = 0`` passes the requantized graph through.
+is not shipped (the requantized graph is): worse is a higher KL, or, for any task, a lower share of the answer
+positions of its calibration windows where the graph's top token is the trained model's (``ANSWER_TOLERANCE``):
+a KL over every position can fall while the answers, a few tokens each, are lost. ``steps = 0`` passes the
+requantized graph through.
 
 With ``[tasks]`` the graph is a shared base that ships with runtime adapters (``edgepeft.onnx.switchable``), and
 each adapter is judged against its own (4-bit base + adapter). The base is then fitted under every adapter in
