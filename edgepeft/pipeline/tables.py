@@ -230,6 +230,12 @@ class HealConfig:
     # Weight of the positions that predict a task window's answer tokens, against 1 for every other position: a
     # fit to every token of the task windows (mostly system prompt and question) lowered KL but cost the answers
     answer_weight: float = 1.0
+    # Ship the fit only if no task loses more than this share of its answers (teacher-forced, in its calibration
+    # windows, given exactly as the trained model gives them); unset: not checked, the shares are still reported.
+    # On the calendar IA3 a fit that lowered KL cost 12.5 points of greedy exact match; the phone LoRA's fit gains
+    # on the gate's test prompts while its answer tokens agree 0.2 points less on calibration windows, so the
+    # check is per recipe until it is measured on every built-in one.
+    max_answer_drop: float | None = None
     seed: int = 0
     checkpoint_every: int = 24
     # The check of the written graph: ONNX Runtime with float activations vs the PyTorch mirror, largest
@@ -245,6 +251,8 @@ class HealConfig:
             return "window_tokens must be at least 2 and max_mirror_diff positive"
         if self.answer_weight < 1:
             return "answer_weight must be at least 1"
+        if self.max_answer_drop is not None and not 0 <= self.max_answer_drop < 1:
+            return "max_answer_drop must be in [0, 1)"
         return None
 
 
