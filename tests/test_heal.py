@@ -182,8 +182,9 @@ def test_heal_stage_brings_the_graph_closer_to_the_trained_model(tiny_run):
     assert rec["healed"] and rec["steps"] == 4 and rec["activation_rounding"] == "rowwise"  # android-arm64
     assert rec["calibration_after"]["kl"] < rec["calibration_before"]["kl"]
     assert rec["mirror_vs_ort_max_logit_diff"] < 1e-3
-    assert set(rec["answer_agreement_before"]) == set(rec["answer_agreement_fitted"]) == {"(task)"}
-    assert rec["answers_lost"] == []  # [heal] max_answer_drop unset: reported, not checked
+    # the tiny recipe's 32-token task windows hold no answer; the shares are reported, not checked
+    assert rec["answer_agreement_before"].keys() == rec["answer_agreement_fitted"].keys()
+    assert rec["answers_lost"] == []
     before = _graph(tiny_run["out"] / "requantize" / "model" / "model.onnx")
     after = _graph(tiny_run["out"] / "heal" / "model" / "model.onnx")
     changed = 0
