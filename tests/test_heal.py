@@ -222,23 +222,26 @@ def test_heal_resumes_exactly(tmp_path, tiny_run, monkeypatch):
 def test_answer_agreement_counts_the_answers_the_graph_gives_exactly_as_the_teacher(tiny_run):
     import onnx
 
-    from edgepeft.stages.heal import _answer_agreement, _ort_logits
+    from edgepeft.stages.heal import _answer_agreement, _judged, _ort_logits
 
     src = tiny_run["out"] / "requantize" / "model"
     model = onnx.load(str(src / "model.onnx"))
     genai = src / "genai_config.json"
     rng = np.random.default_rng(0)
     windows = [[int(t) for t in rng.integers(0, 200, 16)] for _ in range(3)]
-    logits = _ort_logits(model, genai, windows)
-    teacher = [torch.log_softmax(torch.from_numpy(x), -1) for x in logits]
+    logits = dict(enumerate(_ort_logits(model, genai, windows)))
+    teacher = [torch.log_softmax(torch.from_numpy(x), -1) for x in logits.values()]
     answers = [None, [0] * 2 + [1] * 4 + [0] * 2 + [1] * 8, [1] * 4 + [0] * 12]  # prose, then three answers
-    assert _answer_agreement(model, genai, teacher, windows, answers) == {"(task)": 1.0}
+    assert _answer_agreement(logits, teacher, windows, answers) == {"(task)": 1.0}
     moved = [t.clone() for t in teacher]
     for w, pos in ((1, 9), (2, 0), (0, 3), (1, 7)):  # one token of two answers, a prose and a question token differ
         moved[w][pos] = moved[w][pos].flip(0)
-    assert _answer_agreement(model, genai, moved, windows, answers) == {"(task)": round(1 / 3, 5)}
-    per = _answer_agreement(model, genai, moved, windows, answers, under=[None, "a", "b"], params={"a": {}, "b": {}})
+    assert _answer_agreement(logits, moved, windows, answers) == {"(task)": round(1 / 3, 5)}
+    per = _answer_agreement(logits, moved, windows, answers, under=[None, "a", "b"])
     assert per == {"a": 0.5, "b": 0.0}
+    # _judged computes both figures from one ONNX Runtime pass over the windows either needs
+    scores, agreed = _judged(model, genai, moved, windows, [0, 1], answers)
+    assert agreed == {"(task)": round(1 / 3, 5)} and scores["tokens"] == 32
 
 
 def test_a_fit_that_costs_the_answers_is_not_shipped(tmp_path, tiny_run, monkeypatch):

@@ -73,36 +73,44 @@ def _ort_logits(model, genai, windows: list[list[int]], under: list[str | None] 
     return out
 
 
-def _ort_scores(model, genai, teacher, windows, picked, under=None, params=None) -> dict:
-    """The graph under ONNX Runtime scored against the teacher on the picked windows (each under its adapter),
-    overall and, with adapters, per adapter."""
+def _answer_windows(answers) -> list[int]:
+    return [i for i, m in enumerate(answers) if m is not None and any(m)]
+
+
+def _judged(model, genai, teacher, windows, picked, answers, under=None, params=None) -> tuple[dict, dict]:
+    """The graph under ONNX Runtime against the teacher, in one pass over the windows either needs (each under
+    its adapter): ``_ort_scores`` on the picked windows and ``_answer_agreement`` on the answer windows."""
+    need = sorted(set(picked) | set(_answer_windows(answers)))
+    logits = dict(zip(need, _ort_logits(model, genai, [windows[i] for i in need],
+                                        [under[i] for i in need] if under else None, params), strict=True))
+    return (_ort_scores(logits, teacher, windows, picked, under),
+            _answer_agreement(logits, teacher, windows, answers, under))
+
+
+def _ort_scores(logits: dict, teacher, windows, picked, under=None) -> dict:
+    """The graph's logits (by window index) scored against the teacher on the picked windows, overall and, with
+    adapters, per adapter."""
     ws = [windows[i] for i in picked]
-    logits = _ort_logits(model, genai, ws, [under[i] for i in picked] if under else None, params)
-    overall = score([teacher[i].float().numpy() for i in picked], logits, ws)
+    overall = score([teacher[i].float().numpy() for i in picked], [logits[i] for i in picked], ws)
     if not under:
         return overall
     per = {}
     for name in dict.fromkeys(under[i] for i in picked):
-        ks = [k for k, i in enumerate(picked) if under[i] == name]
-        per[name or "(base)"] = _rounded(score([teacher[picked[k]].float().numpy() for k in ks],
-                                               [logits[k] for k in ks], [ws[k] for k in ks]))
+        ks = [i for i in picked if under[i] == name]
+        per[name or "(base)"] = _rounded(score([teacher[i].float().numpy() for i in ks], [logits[i] for i in ks],
+                                               [windows[i] for i in ks]))
     return {**overall, "per_adapter": per}
 
 
-def _answer_agreement(model, genai, teacher, windows, answers, under=None, params=None) -> dict[str, float]:
+def _answer_agreement(logits: dict, teacher, windows, answers, under=None) -> dict[str, float]:
     """Per task (per adapter with ``under``), the share of the answers in its calibration windows (each run of
-    answer positions, teacher-forced) whose every token is the graph's top token under ONNX Runtime where it is
-    the trained model's: greedy exact match, on training data, against the trained model. A KL over every
-    position (mostly prose, system prompt and question) can fall while these are lost."""
-    idx = [i for i, m in enumerate(answers) if m is not None and any(m)]
-    if not idx:
-        return {}
-    ws = [windows[i] for i in idx]
-    logits = _ort_logits(model, genai, ws, [under[i] for i in idx] if under else None, params)
+    answer positions, teacher-forced) whose every token is the graph's top token (``logits`` by window index)
+    where it is the trained model's: greedy exact match, on training data, against the trained model. A KL over
+    every position (mostly prose, system prompt and question) can fall while these are lost."""
     hits: dict[str, list[int]] = {}
-    for k, i in enumerate(idx):
+    for i in _answer_windows(answers):
         mask = np.asarray(answers[i][:len(windows[i])], dtype=bool)
-        same = logits[k].argmax(-1) == teacher[i].float().numpy().argmax(-1)
+        same = logits[i].argmax(-1) == teacher[i].float().numpy().argmax(-1)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
         h = hits.setdefault((under[i] if under else None) or "(task)", [0, 0])
         for start, end in zip(edges[::2], edges[1::2], strict=True):
@@ -196,9 +204,8 @@ def run(ctx: StageContext) -> None:
                   for name in names}
     picked = _scored(windows, about["prose_windows"], under)
     scoring = (lambda m: with_slots(m, params)) if names else (lambda m: m)
-    before = _ort_scores(scoring(graph.model), genai, teacher, windows, picked, under if names else None, params)
-    answers_before = _answer_agreement(scoring(graph.model), genai, teacher, windows, answers,
-                                       under if names else None, params)
+    before, answers_before = _judged(scoring(graph.model), genai, teacher, windows, picked, answers,
+                                     under if names else None, params)
 
     scheme = kernels.activation_rounding
     merged = ctx.artifact("merge")
@@ -236,15 +243,14 @@ def run(ctx: StageContext) -> None:
         raise EdgepeftError(f"[heal] ONNX Runtime's logits differ from the PyTorch mirror's by {mirror_diff:.2e} "
                             f"(max_mirror_diff {cfg.max_mirror_diff:g}): the fitted values were not written "
                             "back as the mirror computes them")
-    fitted = _ort_scores(scoring(graph.model), genai, teacher, windows, picked, under if names else None, params)
-    answers_fitted = _answer_agreement(scoring(graph.model), genai, teacher, windows, answers,
-                                       under if names else None, params)
+    fitted, answers_fitted = _judged(scoring(graph.model), genai, teacher, windows, picked, answers,
+                                     under if names else None, params)
     # Never ship a graph the fit made worse (too few steps for the learning rate, say): keep the requantized one.
     # Worse is a higher KL, or, with [heal] max_answer_drop, any task's answers lost (exact match needs every
     # token of an answer: on the calendar IA3 a fit that lowered KL 0.075 -> 0.055 took greedy exact match on
     # training prompts from 70.3% to 57.8% while its answer tokens' agreement moved by under half a point).
     drop = cfg.max_answer_drop
-    lost = sorted(n for n, a in answers_fitted.items() if drop is not None and a < answers_before[n] - drop)
+    lost = [] if drop is None else sorted(n for n, a in answers_fitted.items() if a < answers_before[n] - drop)
     healed = fitted["kl"] < before["kl"] and not lost
     if healed:
         save_graph(graph.model, out)
