@@ -137,6 +137,73 @@ def test_heal_fits_the_shared_base_under_each_adapter(multi_run):
         mirror.set_adapter({"model.layers.0.attn.nope.lora_A": np.zeros((4, 1), np.float32)})
 
 
+def test_each_adapter_is_fitted_on_the_shipped_base(multi_run):
+    """After the shared base, each runtime adapter's own values are fitted on it (``[heal] adapter_steps``); the
+    bundle ships the fitted values of an adapter whose fit held (KL lower, answers kept) and the trained values of
+    one whose fit did not, and the manifest says which."""
+    from edgepeft.bundle.manifest import read_manifest
+    from edgepeft.onnx.switchable import adapter_params, read_adapter
+
+    out, bundle = multi_run["out"], multi_run["bundle"]
+    fits = multi_run["records"]["heal"]["figures"]["adapter_fit"]
+    manifest = read_manifest(bundle)
+    assert set(fits) == {"phone", "calendar"}
+    import onnx
+    from transformers import AutoConfig
+
+    graph = onnx.load(str(out / "heal" / "model" / "model.onnx")).graph
+    config = AutoConfig.from_pretrained(out / "merge" / "model")
+    for task, f in fits.items():
+        assert f["steps"] == 64 and f["windows"] > 0 and f["method"] == manifest["adapters"][task]["method"]
+        assert f["lr"] == (3e-3 if f["method"] == "ia3" else 3e-4)
+        assert f["fitted"] == (f["kl_after"] < f["kl_before"] and
+                               (f["answers_before"] is None or f["answers_after"] >= f["answers_before"]))
+        assert (out / "heal" / "model" / "adapters" / f"{task}.onnx_adapter").is_file() == f["fitted"]
+        assert manifest["adapters"][task]["fitted_on_base"] == f["fitted"]
+        shipped = read_adapter(bundle / manifest["adapters"][task]["file"])
+        trained = adapter_params(graph, config, out / "train" / "adapter" / task)[1]
+        assert set(shipped) == set(trained)
+        assert all(np.array_equal(shipped[k], trained[k]) for k in trained) != f["fitted"], task
+
+
+def test_an_adapter_fit_brings_the_mirror_to_its_teacher(multi_run):
+    """``distill.fit_adapter`` trains only the adapter's values, on the mirror with the base fixed: from the
+    slots' defaults (IA3 vectors of ones) towards a teacher that is the same mirror under the trained vectors."""
+    import onnx
+    import torch
+    from transformers import AutoConfig
+
+    from edgepeft.heal.distill import fit_adapter, kl_loss, teacher_log_probs
+    from edgepeft.heal.mirror import GraphWeights, Mirror
+    from edgepeft.onnx.switchable import adapter_params
+
+    out = multi_run["out"]
+    graph = GraphWeights(onnx.load(str(out / "heal" / "model" / "model.onnx")))
+    config = AutoConfig.from_pretrained(out / "merge" / "model")
+    trained = adapter_params(graph.model.graph, config, out / "train" / "adapter" / "calendar")[1]
+    mirror = Mirror(graph, config, None)
+    windows = [list(range(40 + 7 * k, 72 + 7 * k)) for k in range(4)]
+    mirror.set_adapter(trained)
+    teacher = teacher_log_probs(mirror.model, windows)
+    ones = {k: np.ones_like(v) for k, v in trained.items()}
+    scales = [g.detach().clone() for g in mirror.gains()]
+
+    def kl(values):
+        mirror.set_adapter(values)
+        with torch.no_grad():
+            return float(np.mean([kl_loss(t, mirror.model(input_ids=torch.tensor([w])).logits[0]).item()
+                                  for w, t in zip(windows, teacher, strict=True)]))
+
+    before = kl(ones)
+    fitted, losses = fit_adapter(mirror, ones, windows, teacher, 3e-2, 24, 0)
+    assert len(losses) == 24 and all((v == 1).all() for v in ones.values())  # the input is left as it was
+    assert kl(fitted) < 0.5 * before
+    moved = np.concatenate([fitted[k] - 1 for k in trained])
+    toward = np.concatenate([trained[k] - 1 for k in trained])
+    assert float(moved @ toward) > 0  # towards the teacher's vectors
+    assert all(torch.equal(a, b) for a, b in zip(scales, mirror.gains(), strict=True))  # the base stayed fixed
+
+
 def test_task_tables_are_checked(tmp_path, tiny_model_dir, capsys):
     for tail, words in (
             ('[tasks.a.adapter]\nmethod = "prefix"\n', "a runtime-switchable adapter is LoRA or IA3"),

@@ -98,3 +98,32 @@ class Distiller:
         self.scheduler.load_state_dict(state["scheduler"])
         self.losses = meta["losses"]
         return meta["step"]
+
+
+def fit_adapter(mirror, params: dict[str, np.ndarray], windows: list[list[int]], teacher: list, lr: float,
+                steps: int, seed: int, progress: Callable[[float], None] | None = None
+                ) -> tuple[dict[str, np.ndarray], list[float]]:
+    """A runtime adapter's own values (``params``: its slot values, IA3 vectors or LoRA A and B) fitted by Adam,
+    warmup then cosine, on the mirror of the shipped base with everything else fixed: each step one of
+    ``windows`` (every one once per epoch), KL(teacher || mirror) over its positions. The adapter was trained on
+    the 4-bit NF4 base; fitted here it absorbs what the int4 base computes differently, for its own task only.
+    Returns the fitted values (new arrays; ``params`` is left as it was) and the losses."""
+    values = {k: torch.tensor(np.asarray(v, np.float32), requires_grad=True) for k, v in params.items()}
+    mirror.set_adapter(values)
+    optimizer = torch.optim.Adam(list(values.values()), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, min(4, steps // 4), steps))
+    losses = []
+    try:
+        for step in range(steps):
+            i = window_of(step, len(windows), seed)
+            loss = kl_loss(teacher[i], mirror.model(input_ids=torch.tensor([windows[i]])).logits[0])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            if progress:
+                progress(losses[-1])
+    finally:
+        mirror.set_adapter(None)
+    return {k: v.detach().numpy().copy() for k, v in values.items()}, losses

@@ -313,7 +313,8 @@ class Mirror:
     def set_adapter(self, params: dict[str, np.ndarray] | None) -> None:
         """Compute as the graph with adapter slots computes when a runtime adapter's values ``params`` are fed
         (``edgepeft.onnx.switchable``: LoRA's ``(x A) B`` beside a MatMul, IA3's Mul on its input or on its output
-        before the bias); ``None``: the base. The values stay fixed: healing fits the shared base under them."""
+        before the bias); ``None``: the base. Numpy values stay fixed (healing fits the shared base under them);
+        torch tensors are used as they are, so an adapter's own fit (``distill.fit_adapter``) can train them."""
         if not hasattr(self, "_slots"):  # hooks on every projection, once; they read the active values
             self._slots = set()
             for name, parts in self.linears.items():
@@ -328,7 +329,8 @@ class Mirror:
         unknown = sorted(set(params or ()) - self._slots)
         if unknown:
             raise ValueError(f"adapter tensor {unknown[0]!r} is no slot of the mirrored graph")
-        self._active = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in (params or {}).items()}
+        self._active = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, np.float32))
+                        for k, v in (params or {}).items()}
 
     def _scaled_input(self, base: str):
         def hook(_module, args):

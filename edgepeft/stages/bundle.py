@@ -18,7 +18,8 @@ on-device estimate, next to the fp32 export), written into ``profile/`` as a rep
 
 A recipe with ``[tasks]`` gets one base graph with adapter slots and one runtime adapter per task in
 ``adapters/<task>.onnx_adapter`` (``edgepeft.onnx.switchable``), each listed in the manifest's ``adapters``
-with its method, size, system prompt and hashes; the profile measures the base with no adapter active and
+with its method, size, system prompt and hashes (the values the heal stage fitted on the shipped base where it
+kept them, ``fitted_on_base``; else the trained ones); the profile measures the base with no adapter active and
 with each adapter, interleaved. Its
 quality is the next stage's job (``evaluate``), which adds ``quality/`` and re-seals. The pipeline writes
 the stage into a temporary folder and renames it when done, so a failure leaves no half bundle.
@@ -163,8 +164,15 @@ def _switchable(ctx: StageContext, model_file, out):
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
     model = onnx.load(str(model_file))
     params, methods = {}, {}
+    fitted = {}
     for name in recipe.tasks.names:
         methods[name], params[name] = switchable.adapter_params(model.graph, config, adir / name)
+        own = ctx.artifact("heal") / "adapters" / f"{name}{switchable.EXTENSION}"
+        if own.is_file():  # the heal stage fitted this adapter's values on the shipped base
+            fitted[name] = switchable.read_adapter(own)
+            if set(fitted[name]) != set(params[name]):
+                raise EdgepeftError(f"[bundle] {own} does not hold the slots of adapter {name!r}: rerun --from heal")
+            params[name] = fitted[name]
     slots = switchable.slots_for(model.graph, params.values())
     added = switchable.insert_slots(model, slots)
     path = ctx.work / "switchable" / "model.onnx"
@@ -178,7 +186,7 @@ def _switchable(ctx: StageContext, model_file, out):
         task = recipe.task(name)
         adapters[name] = {"file": rel, "method": methods[name], "bytes": (out / rel).stat().st_size,
                           "tensors": len(params[name]), "data": task.train.data,
-                          "adapter_sha256": adapter_sha256(adir / name),
+                          "adapter_sha256": adapter_sha256(adir / name), "fitted_on_base": name in fitted,
                           "prompt": {"system": system_prompt(recipe_splits(task)["train"][:64])}}
     return path, {"adapters": adapters, "slot_nodes": added, "lora_slots": len(slots.lora),
                   "ia3_slots": len(slots.ia3_out) + len(slots.ia3_in)}

@@ -23,7 +23,12 @@ each adapter is judged against its own (4-bit base + adapter). The base is then 
 turn: each calibration window is computed under one adapter (the prose windows dealt to the base alone and to
 each adapter, each task's training examples under its own), its teacher is that adapter merged onto the
 dequantized base, and the mirror applies the adapter's runtime values as the graph's slots will
-(``Mirror.set_adapter``); the adapters stay fixed. The figures are given per adapter too.
+(``Mirror.set_adapter``); the adapters stay fixed. The figures are given per adapter too. Then, with
+``[heal] adapter_steps``, each adapter's own values are fitted on the base as shipped (healed or not), the base
+fixed, on its own windows against its own teacher: the adapters were trained on the NF4 base, and what the int4
+base computes otherwise an adapter can absorb for its own task, which a shared base cannot do for every task at
+once. A fitted adapter that holds (KL lower, answers kept) is written to ``adapters/<name>.onnx_adapter`` for the
+bundle.
 """
 
 from __future__ import annotations
@@ -119,6 +124,47 @@ def _answer_agreement(logits: dict, teacher, windows, answers, under=None) -> di
     return {name: round(h[0] / h[1], 5) for name, h in hits.items()}
 
 
+def _fit_adapters(cfg, graph, config, kernels, methods, params, windows, under, teacher, picked, answers, genai,
+                  before, answers_before, out) -> dict:
+    """Each runtime adapter's own values fitted on the shipped base (``graph``, fixed), on its own calibration
+    windows against its own teacher (``distill.fit_adapter``), then judged with ONNX Runtime as the graph with
+    slots computes: an adapter whose fit raises its KL or loses it answers (more than ``max_answer_drop``, or
+    any when unset) keeps its trained values. Fitted values that hold go to ``out/adapters/<name>`` (the bundle
+    ships them); returns the figures per adapter."""
+    from edgepeft.heal.distill import fit_adapter
+    from edgepeft.heal.mirror import Mirror
+    from edgepeft.onnx.switchable import EXTENSION, with_slots, write_adapter
+
+    mirror = Mirror(graph, config, kernels.activation_rounding, kernels.bf16_scales)
+    fitted, figures = {}, {}
+    for name in params:
+        idx = [i for i, u in enumerate(under) if u == name]
+        lr = cfg.adapter_lr or (3e-3 if methods[name] == "ia3" else 3e-4)
+        with progress(cfg.adapter_steps, f"fit adapter {name} ({methods[name]}) on the int4 base", "step") as bar:
+            def shown(loss, bar=bar):
+                bar.update(1)
+                bar.set_postfix(kl=f"{loss:.4f}")
+            fitted[name], losses = fit_adapter(mirror, params[name], [windows[i] for i in idx],
+                                               [teacher[i] for i in idx], lr, cfg.adapter_steps, cfg.seed, shown)
+        k = len(idx)
+        figures[name] = {"method": methods[name], "lr": lr, "steps": cfg.adapter_steps, "windows": k,
+                         "loss_first_epoch": round(float(np.mean(losses[:k])), 5),
+                         "loss_last_epoch": round(float(np.mean(losses[-k:])), 5)}
+    trial = {**params, **fitted}
+    scores, shares = _judged(with_slots(graph.model, trial), genai, teacher, windows, picked, answers, under, trial)
+    keep = 0.0 if cfg.max_answer_drop is None else cfg.max_answer_drop
+    for name, f in figures.items():
+        kl_before, kl_after = before["per_adapter"][name]["kl"], scores["per_adapter"][name]["kl"]
+        a_before, a_after = answers_before.get(name), shares.get(name)
+        lost = a_before is not None and a_after < a_before - keep
+        f.update(kl_before=kl_before, kl_after=kl_after, answers_before=a_before, answers_after=a_after,
+                 fitted=kl_after < kl_before and not lost)
+        if f["fitted"]:
+            (out / "adapters").mkdir(exist_ok=True)
+            write_adapter(fitted[name], out / "adapters" / f"{name}{EXTENSION}")
+    return figures
+
+
 def _with_accuracy_level(model, level: int):
     import onnx
 
@@ -196,12 +242,12 @@ def run(ctx: StageContext) -> None:
 
     graph = GraphWeights(onnx.load(str(src / MODEL)))
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
-    params = {}
+    params, methods = {}, {}
     if names:
         from edgepeft.onnx.switchable import adapter_params, with_slots
 
-        params = {name: adapter_params(graph.model.graph, config, ctx.artifact("train") / name)[1]
-                  for name in names}
+        for name in names:
+            methods[name], params[name] = adapter_params(graph.model.graph, config, ctx.artifact("train") / name)
     picked = _scored(windows, about["prose_windows"], under)
     scoring = (lambda m: with_slots(m, params)) if names else (lambda m: m)
     before, answers_before = _judged(scoring(graph.model), genai, teacher, windows, picked, answers,
@@ -259,6 +305,12 @@ def run(ctx: StageContext) -> None:
             shutil.copy2(f, out / f.name)
     after = fitted if healed else before
 
+    adapter_fit = {}
+    if names and cfg.adapter_steps:
+        shipped = graph if healed else GraphWeights(onnx.load(str(src / MODEL)))
+        adapter_fit = _fit_adapters(cfg, shipped, config, kernels, methods, params, windows, under, teacher, picked,
+                                    answers, genai, after, answers_fitted if healed else answers_before, out)
+
     n = len(windows)
     losses = fit.losses
     figures = {
@@ -273,7 +325,7 @@ def run(ctx: StageContext) -> None:
         "calibration_before": _rounded(before), "calibration_fitted": _rounded(fitted),
         "calibration_after": _rounded(after),
         "answer_agreement_before": answers_before, "answer_agreement_fitted": answers_fitted,
-        "answers_lost": lost,
+        "answers_lost": lost, "adapter_fit": adapter_fit,
         "calibration_scored_on": f"ONNX Runtime on this machine ({platform.machine()}), the graph's accuracy_level",
         "mirror_vs_ort_max_logit_diff": mirror_diff, "teacher_seconds": round(teacher_seconds, 1),
         "fit_seconds": round(fit_seconds, 1), "seconds": round(time.time() - t_start, 1),
@@ -295,6 +347,12 @@ def run(ctx: StageContext) -> None:
     elif not healed:
         print("  the fit made the graph worse on calibration data: the requantized graph ships unchanged (more "
               "[heal] steps or a lower lr)")
+    for name, f in adapter_fit.items():
+        a_before, a_after = f["answers_before"], f["answers_after"]
+        answers_line = "" if a_before is None else f", answers {100 * a_before:.1f}% -> {100 * a_after:.1f}%"
+        print(f"  adapter {name} fitted on the {'healed' if healed else 'requantized'} base in {f['steps']} steps: "
+              f"KL {f['kl_before']:.3f} -> {f['kl_after']:.3f}{answers_line}: "
+              + ("ships fitted" if f["fitted"] else "keeps its trained values"))
 
 
 STAGE = Stage("heal", run, sections=("heal", "requantize", "kernels", "tasks"), reads=("requantize", "merge", "train"),
