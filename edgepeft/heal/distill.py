@@ -57,16 +57,19 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class Distiller:
-    """The optimizer and schedule over a mirror's trainable parameters, and their checkpoints."""
+    """The optimizer and schedule over a mirror's trainable parameters, and their checkpoints: the base's scales
+    (and norm weights), or with ``values`` an adapter's own values only (``fit_adapter``)."""
 
-    def __init__(self, mirror, lr: float, warmup: int, steps: int, norms: bool):
+    def __init__(self, mirror, lr: float, warmup: int, steps: int, norms: bool = False,
+                 values: list[torch.Tensor] | None = None):
         self.mirror = mirror
-        self.params = {"gains": mirror.gains(), "norms": mirror.norm_weights() if norms else []}
+        self.params = ({"gains": mirror.gains(), "norms": mirror.norm_weights() if norms else []} if values is None
+                       else {"values": values})
         for group in self.params.values():
             for p in group:
                 p.requires_grad_(True)
-        groups = [{"params": self.params["gains"], "lr": lr}]
-        if self.params["norms"]:
+        groups = [{"params": self.params.get("gains", values), "lr": lr}]
+        if self.params.get("norms"):
             groups.append({"params": self.params["norms"], "lr": lr * NORM_LR_RATIO})
         self.optimizer = torch.optim.Adam(groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, steps))
@@ -108,22 +111,15 @@ def fit_adapter(mirror, params: dict[str, np.ndarray], windows: list[list[int]],
     ``windows`` (every one once per epoch), KL(teacher || mirror) over its positions. The adapter was trained on
     the 4-bit NF4 base; fitted here it absorbs what the int4 base computes differently, for its own task only.
     Returns the fitted values (new arrays; ``params`` is left as it was) and the losses."""
-    values = {k: torch.tensor(np.asarray(v, np.float32), requires_grad=True) for k, v in params.items()}
+    values = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in params.items()}
     mirror.set_adapter(values)
-    optimizer = torch.optim.Adam(list(values.values()), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, min(4, steps // 4), steps))
-    losses = []
+    fit = Distiller(mirror, lr, min(4, steps // 4), steps, values=list(values.values()))
     try:
         for step in range(steps):
             i = window_of(step, len(windows), seed)
-            loss = kl_loss(teacher[i], mirror.model(input_ids=torch.tensor([windows[i]])).logits[0])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
+            loss = fit.step(windows[i], teacher[i])
             if progress:
-                progress(losses[-1])
+                progress(loss)
     finally:
         mirror.set_adapter(None)
-    return {k: v.detach().numpy().copy() for k, v in values.items()}, losses
+    return {k: v.detach().numpy().copy() for k, v in values.items()}, fit.losses

@@ -164,15 +164,16 @@ def _switchable(ctx: StageContext, model_file, out):
     config = AutoConfig.from_pretrained(ctx.artifact("merge"))
     model = onnx.load(str(model_file))
     params, methods = {}, {}
-    fitted = {}
+    fitted = set()
     for name in recipe.tasks.names:
         methods[name], params[name] = switchable.adapter_params(model.graph, config, adir / name)
         own = ctx.artifact("heal") / "adapters" / f"{name}{switchable.EXTENSION}"
         if own.is_file():  # the heal stage fitted this adapter's values on the shipped base
-            fitted[name] = switchable.read_adapter(own)
-            if set(fitted[name]) != set(params[name]):
+            values = switchable.read_adapter(own)
+            if set(values) != set(params[name]):
                 raise EdgepeftError(f"[bundle] {own} does not hold the slots of adapter {name!r}: rerun --from heal")
-            params[name] = fitted[name]
+            params[name] = values
+            fitted.add(name)
     slots = switchable.slots_for(model.graph, params.values())
     added = switchable.insert_slots(model, slots)
     path = ctx.work / "switchable" / "model.onnx"
