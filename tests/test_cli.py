@@ -25,6 +25,7 @@ def _recipe(tmp_path, body):
     ("[model]\nsource = \"/nowhere/model.gguf\"\n", "model file not found"),
     ("[train]\ndata = \"BAD\"\n", "malformed JSON"),
     ("[train]\ndata = \"EMPTY\"\n", "no examples"),
+    ("[heal]\nadapter_methods = [\"prefix\"]\n", "adapter_methods must name runtime adapter methods"),
 ])
 def test_bad_input_is_one_line(tmp_path, body, words):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')

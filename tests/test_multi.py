@@ -166,6 +166,34 @@ def test_each_adapter_is_fitted_on_the_shipped_base(multi_run):
         assert all(np.array_equal(shipped[k], trained[k]) for k in trained) != f["fitted"], task
 
 
+def test_only_the_adapter_methods_are_fitted(multi_run, tmp_path):
+    """``[heal] adapter_methods`` (both by default) picks which adapters are fitted: the others keep their
+    trained values and are not tried."""
+    import shutil
+
+    from edgepeft.bundle.manifest import read_manifest
+    from edgepeft.pipeline import recipe as recipe_mod
+    from edgepeft.pipeline.runner import run_stages
+    from edgepeft.stages.registry import STAGES
+
+    out = tmp_path / "run"
+    shutil.copytree(multi_run["out"], out, symlinks=True)
+    text = multi_run["recipe"].read_text()
+    assert recipe_mod.load(multi_run["recipe"]).heal.adapter_methods == ["ia3", "lora"]
+    for method, tried in (("ia3", {"calendar"}), ("lora", {"phone"})):
+        (tmp_path / "r.toml").write_text(text.replace("[heal]\n", f'[heal]\nadapter_methods = ["{method}"]\n', 1))
+        recipe = recipe_mod.load(tmp_path / "r.toml")
+        assert recipe.heal.adapter_methods == [method]
+        recs = run_stages(STAGES, recipe, out, first="heal", last="bundle", echo=lambda s: None)
+        fits = recs["heal"]["figures"]["adapter_fit"]
+        assert set(fits) == tried
+        # what ships is what this run fitted and kept, none of the copied run's files
+        shipped = {p.stem for p in (out / "heal" / "model" / "adapters").glob("*.onnx_adapter")}
+        assert shipped == {n for n, f in fits.items() if f["fitted"]}
+        manifest = read_manifest(out / "bundle" / "android-arm64")
+        assert {n for n, a in manifest["adapters"].items() if a["fitted_on_base"]} == shipped
+
+
 def test_an_adapter_fit_brings_the_mirror_to_its_teacher(multi_run):
     """``distill.fit_adapter`` trains only the adapter's values, on the mirror with the base fixed: from the
     slots' defaults (IA3 vectors of ones) towards a teacher that is the same mirror under the trained vectors."""

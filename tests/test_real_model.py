@@ -24,6 +24,9 @@ def test_default_recipe_short_run(tmp_path):
                           "adapter": {"method": base.adapter.method, "r": base.adapter.r, "alpha": base.adapter.alpha},
                           "train": {"steps": 12, "eval_examples": 8, "warmup_steps": 2},
                           "merge": {"eval_windows": 2},
+                          # few calibration windows: the full default calibration runs in CI's latency-check
+                          "requantize": {"calib_windows": 4, "calib_task_windows": 2, "measure_windows": 2,
+                                         "sensitivity_windows": 2},
                           "heal": {"steps": 8, "warmup_steps": 2, "prose_windows": 4, "task_windows": 2,
                                    "window_tokens": 128}}, "short recipe")
     out = tmp_path / "run"

@@ -24,11 +24,11 @@ turn: each calibration window is computed under one adapter (the prose windows d
 each adapter, each task's training examples under its own), its teacher is that adapter merged onto the
 dequantized base, and the mirror applies the adapter's runtime values as the graph's slots will
 (``Mirror.set_adapter``); the adapters stay fixed. The figures are given per adapter too. Then, with
-``[heal] adapter_steps``, each adapter's own values are fitted on the base as shipped (healed or not), the base
-fixed, on its own windows against its own teacher: the adapters were trained on the NF4 base, and what the int4
-base computes otherwise an adapter can absorb for its own task, which a shared base cannot do for every task at
-once. A fitted adapter that holds (KL lower, answers kept) is written to ``adapters/<name>.onnx_adapter`` for the
-bundle.
+``[heal] adapter_steps``, each adapter of the ``adapter_methods`` (IA3 and LoRA by default) has its own values fitted on
+the base as shipped (healed or not), the base fixed, on its own windows against its own teacher: the adapters
+were trained on the NF4 base, and what the int4 base computes otherwise an adapter can absorb for its own task,
+which a shared base cannot do for every task at once. A fitted adapter that holds (KL lower, answers kept) is
+written to ``adapters/<name>.onnx_adapter`` for the bundle.
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ def _fit_adapters(cfg, graph, config, kernels, methods, params, windows, under, 
     mirror = Mirror(graph, config, kernels.activation_rounding, kernels.bf16_scales)
     fitted, figures = {}, {}
     for name in params:
+        if methods[name] not in cfg.adapter_methods:
+            continue
         idx = [i for i, u in enumerate(under) if u == name]
         lr = cfg.adapter_lr or (3e-3 if methods[name] == "ia3" else 3e-4)
         with progress(cfg.adapter_steps, f"fit adapter {name} ({methods[name]}) on the int4 base", "step") as bar:
@@ -306,7 +308,7 @@ def run(ctx: StageContext) -> None:
     after = fitted if healed else before
 
     adapter_fit = {}
-    if names and cfg.adapter_steps:
+    if names and cfg.adapter_steps and any(methods[n] in cfg.adapter_methods for n in params):
         shipped = graph if healed else GraphWeights(onnx.load(str(src / MODEL)))
         adapter_fit = _fit_adapters(cfg, shipped, config, kernels, methods, params, windows, under, teacher, picked,
                                     answers, genai, after, answers_fitted if healed else answers_before, out)
