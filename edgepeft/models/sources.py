@@ -7,6 +7,7 @@ never set, so loading a model cannot run code that came with it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -207,10 +208,19 @@ def _from_hf_cache(repo_id: str) -> ModelSource:
 
 
 def load_config(source: ModelSource):
-    from transformers import AutoConfig
+    import copy
 
     try:
-        config = AutoConfig.from_pretrained(source.path, **source.file_kwargs())
+        if source.gguf_file:
+            # transformers parses the whole GGUF header for its config (~7 s for SmolLM2's), and a run's stages ask
+            # for it several times before they start: once per file version, each caller given its own copy
+            gguf = Path(source.path) / source.gguf_file
+            stamp = gguf.stat()
+            config = copy.deepcopy(_gguf_config(str(source.path), source.gguf_file, stamp.st_mtime_ns, stamp.st_size))
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source.path, **source.file_kwargs())
     except (ValueError, OSError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgepeftError(f"{source.spec}: cannot read the model configuration: {first}") from None
@@ -218,6 +228,13 @@ def load_config(source: ModelSource):
 
     check(config, source.spec)  # the exporter has a path for it and its layers have a layout the stages read
     return config
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(folder: str, gguf_file: str, mtime_ns: int, size: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
 
 # edgepeft's plain chat layout, for a model without a template of its own (a pretrained base): the system text,
