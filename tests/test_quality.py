@@ -147,6 +147,42 @@ def test_evaluate_command_on_a_bundle(tiny_run, tmp_path):
     assert done.returncode == 2 and "not the adapter this bundle was made from" in done.stderr
 
 
+def test_reference_answers_are_cached_by_what_decides_them(tiny_run, tmp_path, monkeypatch):
+    # the Android, iOS and desktop bundles of one run ask the same reference the same prompts: its answers
+    # are generated once and kept under the hash of the base, the adapter, the prompts and the settings
+    import dataclasses
+
+    from edgepeft.quality import answers, gate
+    from edgepeft.quality.reference import Reference, answers_cache
+
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = answers.greedy_answers
+    monkeypatch.setattr(answers, "greedy_answers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], out)
+    bundle, rec = out / "bundle" / "android-arm64", recipe_mod.load(tiny_run["recipe"])
+    manifest, ref = read_manifest(bundle), Reference.of_run(out)
+
+    first = gate.measure(bundle, manifest, rec, rec.evaluate, ref)
+    second = gate.measure(bundle, manifest, rec, rec.evaluate, ref)
+    assert len(calls) == 1 and first["task_examples"] == 4
+    assert not first["reference_answers_cached"] and second["reference_answers_cached"]
+    assert second["exact_match_reference"] == first["exact_match_reference"] < 1.0  # a random model's answers
+    # what the second gate read is the cache: answers planted there become the reference's
+    [kept] = answers_cache().glob("*.json")
+    samples, _, _ = gate.test_prompts(rec, rec.evaluate)
+    planted = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**planted, "answers": [s.reference for s in samples]}))
+    assert gate.measure(bundle, manifest, rec, rec.evaluate, ref)["exact_match_reference"] == 1.0
+    # another generation length, or another adapter, is another question
+    longer = dataclasses.replace(rec.evaluate, max_new_tokens=rec.evaluate.max_new_tokens + 1)
+    assert not gate.measure(bundle, manifest, rec, longer, ref)["reference_answers_cached"] and len(calls) == 2
+    config = out / "train" / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text() + "\n")
+    assert not gate.measure(bundle, manifest, rec, rec.evaluate, ref)["reference_answers_cached"] and len(calls) == 3
+
+
 def test_mixed_precision_search_promotes_only_what_the_budget_needs(tiny_run, tmp_path, tiny_model_dir):
     """With calibration budgets that all-int4 misses, requantize keeps some MatMuls at int8 (chosen by
     measurement): bigger than all-int4, smaller than all-int8, and it meets the budget it aimed at."""

@@ -23,7 +23,10 @@ def matcher(data: str) -> Callable[[str, str], bool]:
     return text_match
 
 
-def greedy_answers(model, tokenizer, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 48,
+BATCH = 16  # prompts per generate call (left-padded): part of what decides the answers, so of the cache's key
+
+
+def greedy_answers(model, tokenizer, samples: list[Sample], batch_size: int = BATCH, max_new_tokens: int = 48,
                    progress: Callable | None = None) -> list[str]:
     """Greedy answers to each sample's prompt, batched with left padding."""
     import torch

@@ -35,7 +35,7 @@ from edgepeft.core.errors import EdgepeftError
 from edgepeft.onnx.decoder import Decoder
 from edgepeft.pipeline.target import from_manifest
 from edgepeft.quality import reference as torch_reference
-from edgepeft.quality.answers import exact_match, matcher
+from edgepeft.quality.answers import matcher
 from edgepeft.quality.reference import Reference
 from edgepeft.quality.scores import Budgets, fmt_value, passed, score, table, verdict
 
@@ -134,14 +134,14 @@ def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference
         acc, answers, tps = bundle_exact_match(runner, samples, match, cfg.max_new_tokens)
         del runner
         with progress(len(samples), "exact match (4-bit base + adapter)", "example") as bar:
-            ref_acc, ref_answers = exact_match(ref_model, tokenizer, samples, match=match,
-                                               max_new_tokens=cfg.max_new_tokens, progress=bar.update)
+            ref_answers, cached = reference.answers(ref_model, tokenizer, samples, cfg.max_new_tokens, bar.update)
+        ref_acc = sum(match(a, s.reference) for a, s in zip(ref_answers, samples, strict=True)) / len(samples)
         shown = [{"prompt": s.messages[-2][1] if s.messages else s.prompt, "bundle": a, "reference_model": r,
                   "expected": s.reference}
                  for s, a, r in zip(samples, answers, ref_answers, strict=True) if a.strip() != r.strip()][:8]
         figures.update(task_split=split, task_examples=len(samples), task_examples_dropped_as_seen_in_training=dropped,
                        exact_match_bundle=acc, exact_match_reference=ref_acc, accuracy_drop=ref_acc - acc,
-                       generate_tokens_per_second=tps, answers_that_differ=shown)
+                       generate_tokens_per_second=tps, reference_answers_cached=cached, answers_that_differ=shown)
     return figures
 
 
@@ -169,7 +169,9 @@ def report(name: str, result: dict) -> str:
                   f"Exact match on {f['task_examples']} {f['task_split']} prompts "
                   f"({f['task_examples_dropped_as_seen_in_training']} dropped because training saw them): "
                   f"reference {100 * f['exact_match_reference']:.1f}%, bundle {100 * f['exact_match_bundle']:.1f}% "
-                  f"({-100 * f['accuracy_drop']:+.1f} points)."]
+                  f"({-100 * f['accuracy_drop']:+.1f} points)."
+                  + (" The reference's answers came from edgepeft's cache (same base and adapter files, prompts, "
+                     "settings and library versions)." if f.get("reference_answers_cached") else "")]
         if f["answers_that_differ"]:
             lines += ["", "| prompt | bundle | reference model | expected |", "|---|---|---|---|"]
             for a in f["answers_that_differ"]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from edgepeft.adapters.api import is_adapter_dir
 from edgepeft.core.errors import EdgepeftError
+from edgepeft.core.files import sha256_tree, write_atomic
 from edgepeft.pipeline.layout import RunDir
 from edgepeft.quality.scores import compare
 
@@ -38,6 +39,56 @@ class Reference:
         from edgepeft.models.pytorch import load_4bit  # imports PyTorch: only when the model is needed
 
         return load(load_4bit(self.base, torch.device("cpu")), self.adapter).eval()
+
+    def answers(self, model, tokenizer, samples, max_new_tokens: int, progress=None) -> tuple[list[str], bool]:
+        """The reference's greedy answers to ``samples`` (``model``: this reference, loaded) and whether they
+        came from edgepeft's cache. Generating them in PyTorch over a 4-bit base is the slow half of the gate,
+        and every bundle of one trained model (Android, iOS, desktop; a re-run of the gate) asks the same
+        question: the answers are kept under the hash of everything that decides them (the base's and the
+        adapter's files, the prompts' token ids, the generation settings, the library versions)."""
+        import json
+
+        from edgepeft.quality.answers import BATCH, greedy_answers
+
+        key = self._answers_key(tokenizer, samples, max_new_tokens)
+        path = answers_cache() / f"{key}.json"
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key and len(cached.get("answers", ())) == len(samples):
+                if progress:
+                    progress(len(samples))
+                return [str(a) for a in cached["answers"]], True
+        except (OSError, ValueError, AttributeError):
+            pass
+        answers = greedy_answers(model, tokenizer, samples, batch_size=BATCH, max_new_tokens=max_new_tokens,
+                                 progress=progress)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps({"key": key, "answers": answers}))
+        except OSError:
+            pass  # a read-only cache costs time, not correctness
+        return answers, False
+
+    def _answers_key(self, tokenizer, samples, max_new_tokens: int) -> str:
+        import hashlib
+        import json
+        from importlib.metadata import version
+
+        from edgepeft.bundle.manifest import adapter_sha256
+        from edgepeft.calib.data import prompt_ids
+        from edgepeft.quality.answers import BATCH
+
+        about = {"format": 1, "base": sha256_tree(self.base), "adapter": adapter_sha256(self.adapter),
+                 "prompts": [prompt_ids(tokenizer, s) for s in samples], "max_new_tokens": max_new_tokens,
+                 "batch_size": BATCH, **{p: version(p) for p in ("torch", "transformers", "bitsandbytes", "peft")}}
+        return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()
+
+
+def answers_cache() -> Path:
+    """Where the references' answers are kept (inside ``EDGEPEFT_CACHE``, else ``~/.cache/edgepeft``)."""
+    from edgepeft.models.sources import cache_dir
+
+    return cache_dir() / "reference-answers"
 
 
 def logits(model, windows: list[list[int]], progress=None) -> list[np.ndarray]:
