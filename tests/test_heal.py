@@ -317,3 +317,17 @@ def test_answer_masks_mark_the_positions_that_predict_answers(smollm_tokenizer_d
     assert samples[0].reference in answers and samples[1].reference in answers
     assert 0 < sum(flat_mask) < len(flat_mask) / 2  # the prompts (system, question) outweigh the answers
     assert samples[0].messages[0][1] not in answers
+
+
+def test_label_loss_reads_the_answer_positions_inside_the_window():
+    import torch
+
+    from edgepeft.heal.distill import label_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11)
+    window = [3, 1, 4, 1, 5]
+    # position t predicts token t + 1; the last position predicts a token outside the window and is not counted
+    want = torch.nn.functional.cross_entropy(logits[[1, 2]], torch.tensor([4, 1]))
+    assert torch.allclose(label_loss(window, logits, [0, 1, 1, 0, 1]), want)
+    assert label_loss(window, logits, [0, 0, 0, 0, 1]) is None

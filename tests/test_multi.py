@@ -232,6 +232,41 @@ def test_an_adapter_fit_brings_the_mirror_to_its_teacher(multi_run):
     assert all(torch.equal(a, b) for a, b in zip(scales, mirror.gains(), strict=True))  # the base stayed fixed
 
 
+def test_an_adapter_fit_with_labels_learns_its_answers(multi_run):
+    """With ``label_weight`` the fit also learns the task windows' own tokens at their answer positions: from the
+    teacher's own values, where the KL alone has nothing to move, the answers' cross-entropy falls."""
+    import onnx
+    import torch
+    from transformers import AutoConfig
+
+    from edgepeft.heal.distill import fit_adapter, label_loss, teacher_log_probs
+    from edgepeft.heal.mirror import GraphWeights, Mirror
+    from edgepeft.onnx.switchable import adapter_params
+
+    out = multi_run["out"]
+    graph = GraphWeights(onnx.load(str(out / "heal" / "model" / "model.onnx")))
+    config = AutoConfig.from_pretrained(out / "merge" / "model")
+    trained = adapter_params(graph.model.graph, config, out / "train" / "adapter" / "calendar")[1]
+    mirror = Mirror(graph, config, None)
+    windows = [list(range(40 + 7 * k, 72 + 7 * k)) for k in range(4)]
+    mirror.set_adapter(trained)
+    teacher = teacher_log_probs(mirror.model, windows)
+    mask = [0] * 20 + [1] * 11 + [0]  # positions 20..30 predict the "answer", tokens 21..31
+
+    def answers_ce(values):
+        mirror.set_adapter(values)
+        with torch.no_grad():
+            return float(np.mean([label_loss(w, mirror.model(input_ids=torch.tensor([w])).logits[0], mask).item()
+                                  for w in windows]))
+
+    before = answers_ce(trained)
+    fitted, losses = fit_adapter(mirror, trained, windows, teacher, 1e-1, 16, 0, labels=[mask] * 4,
+                                 label_weight=10.0)
+    kl_only, _ = fit_adapter(mirror, trained, windows, teacher, 1e-1, 16, 0)
+    assert answers_ce(fitted) < min(before, answers_ce(kl_only)) - 0.03  # a random-init model moves little
+    assert losses[0] < 1e-3 < max(losses)  # what is recorded is the KL: none at first, then paid for the answers
+
+
 def test_task_tables_are_checked(tmp_path, tiny_model_dir, capsys):
     for tail, words in (
             ('[tasks.a.adapter]\nmethod = "prefix"\n', "a runtime-switchable adapter is LoRA or IA3"),

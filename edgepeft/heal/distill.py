@@ -43,6 +43,16 @@ def kl_loss(teacher: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor |
     return kl.mean() if weights is None else (kl * weights).sum() / weights.sum()
 
 
+def label_loss(window: list[int], logits: torch.Tensor, mask) -> torch.Tensor | None:
+    """Mean cross-entropy of the window's own next tokens at the positions ``mask`` marks (a task window's
+    answer positions: position t predicts token t + 1); None where it marks none inside the window."""
+    at = torch.tensor([bool(m) for m in mask[:len(window) - 1]], dtype=torch.bool)
+    if not at.any():
+        return None
+    targets = torch.tensor(window[1:])[at]
+    return torch.nn.functional.cross_entropy(logits[:len(window) - 1][at].float(), targets)
+
+
 def window_of(step: int, n: int, seed: int) -> int:
     """The calibration window step ``step`` trains on: every window once per epoch, in a shuffled order."""
     epoch, i = divmod(step, n)
@@ -75,14 +85,20 @@ class Distiller:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, steps))
         self.losses: list[float] = []
 
-    def step(self, window: list[int], teacher: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    def step(self, window: list[int], teacher: torch.Tensor, weights: torch.Tensor | None = None,
+             labels=None, label_weight: float = 0.0) -> float:
+        """One step on one window: KL to the teacher, plus with ``label_weight`` that times the cross-entropy of
+        the window's own tokens where ``labels`` (an answer mask) marks them. The loss recorded is the KL."""
         logits = self.mirror.model(input_ids=torch.tensor([window])).logits[0]
-        loss = kl_loss(teacher, logits, weights)
+        kl = loss = kl_loss(teacher, logits, weights)
+        ce = label_loss(window, logits, labels) if label_weight and labels is not None else None
+        if ce is not None:
+            loss = loss + label_weight * ce
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        self.losses.append(float(loss.detach()))
+        self.losses.append(float(kl.detach()))
         return self.losses[-1]
 
     def save(self, work: Path, step: int, fingerprint: str) -> Path:
@@ -104,20 +120,23 @@ class Distiller:
 
 
 def fit_adapter(mirror, params: dict[str, np.ndarray], windows: list[list[int]], teacher: list, lr: float,
-                steps: int, seed: int, progress: Callable[[float], None] | None = None
-                ) -> tuple[dict[str, np.ndarray], list[float]]:
+                steps: int, seed: int, progress: Callable[[float], None] | None = None,
+                labels: list | None = None, label_weight: float = 0.0) -> tuple[dict[str, np.ndarray], list[float]]:
     """A runtime adapter's own values (``params``: its slot values, IA3 vectors or LoRA A and B) fitted by Adam,
     warmup then cosine, on the mirror of the shipped base with everything else fixed: each step one of
     ``windows`` (every one once per epoch), KL(teacher || mirror) over its positions. The adapter was trained on
     the 4-bit NF4 base; fitted here it absorbs what the int4 base computes differently, for its own task only.
-    Returns the fitted values (new arrays; ``params`` is left as it was) and the losses."""
+    With ``label_weight``, the task windows' own answer tokens (``labels``: each window's answer mask, None for
+    prose) are learnt beside the teacher, by cross-entropy: the training examples' answers, on the base that
+    ships, with margins int4's rounding does not flip. Returns the fitted values (new arrays; ``params`` is left
+    as it was) and the losses (the KL's)."""
     values = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in params.items()}
     mirror.set_adapter(values)
     fit = Distiller(mirror, lr, min(4, steps // 4), steps, values=list(values.values()))
     try:
         for step in range(steps):
             i = window_of(step, len(windows), seed)
-            loss = fit.step(windows[i], teacher[i])
+            loss = fit.step(windows[i], teacher[i], labels=labels[i] if labels else None, label_weight=label_weight)
             if progress:
                 progress(loss)
     finally:

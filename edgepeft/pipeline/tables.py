@@ -243,6 +243,9 @@ class HealConfig:
     # A fit that ends worse on its windows (higher KL, or answers lost) is not shipped. 0: off.
     adapter_steps: int = 64
     adapter_lr: float | None = None  # unset: 3e-3 for IA3's vectors (~1), 3e-4 for LoRA's matrices
+    # Beside the KL to its teacher, the adapter learns its task windows' own answer tokens (the training examples'
+    # labels) by cross-entropy, with this weight (0: KL only).
+    adapter_label_weight: float = 0.0
     # The methods whose adapters are fitted. On multi.toml's base the phone LoRA's fit traded a little of its
     # answers for prose (gate, 512 test prompts: exact match 83.0% trained vs 82.4% fitted, perplexity +12.7% vs
     # +4.9%, budget 8%) and the calendar IA3's fit won answers (62.5% -> 71.9% teacher-forced): both are fitted.
@@ -264,6 +267,8 @@ class HealConfig:
             return "adapter_steps must not be negative and adapter_lr must be positive"
         if any(m not in ("ia3", "lora") for m in self.adapter_methods):
             return f"adapter_methods must name runtime adapter methods (ia3, lora), not {self.adapter_methods}"
+        if self.adapter_label_weight < 0:
+            return "adapter_label_weight must not be negative"
         if self.answer_weight < 1:
             return "answer_weight must be at least 1"
         if self.max_answer_drop is not None and not 0 <= self.max_answer_drop < 1:

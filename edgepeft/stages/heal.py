@@ -147,9 +147,12 @@ def _fit_adapters(cfg, graph, config, kernels, methods, params, windows, under, 
                 bar.update(1)
                 bar.set_postfix(kl=f"{loss:.4f}")
             fitted[name], losses = fit_adapter(mirror, params[name], [windows[i] for i in idx],
-                                               [teacher[i] for i in idx], lr, cfg.adapter_steps, cfg.seed, shown)
+                                               [teacher[i] for i in idx], lr, cfg.adapter_steps, cfg.seed, shown,
+                                               [answers[i] for i in idx] if answers else None,
+                                               cfg.adapter_label_weight)
         k = len(idx)
         figures[name] = {"method": methods[name], "lr": lr, "steps": cfg.adapter_steps, "windows": k,
+                         "label_weight": cfg.adapter_label_weight,
                          "loss_first_epoch": round(float(np.mean(losses[:k])), 5),
                          "loss_last_epoch": round(float(np.mean(losses[-k:])), 5)}
     trial = {**params, **fitted}
