@@ -244,7 +244,11 @@ class HealConfig:
     adapter_steps: int = 64
     adapter_lr: float | None = None  # unset: 3e-3 for IA3's vectors (~1), 3e-4 for LoRA's matrices
     # Beside the KL to its teacher, the adapter learns its task windows' own answer tokens (the training examples'
-    # labels) by cross-entropy, with this weight (0: KL only).
+    # labels) by cross-entropy, with this weight (0: KL only). Not yet an improvement (docs/measurements.md): on
+    # the packed calibration windows (several examples per window, no separation) the teacher itself gives 14% of
+    # its answers teacher-forced (73% on single examples), so the labels pull away from it; measured on single
+    # examples, the calendar IA3 answered 70.3% of 128 validation prompts fitted with labels (weight 1), 65.6% by
+    # KL alone and 68.8% trained, within those prompts' noise. Off.
     adapter_label_weight: float = 0.0
     # The methods whose adapters are fitted. On multi.toml's base the phone LoRA's fit traded a little of its
     # answers for prose (gate, 512 test prompts: exact match 83.0% trained vs 82.4% fitted, perplexity +12.7% vs
