@@ -194,14 +194,13 @@ def test_only_the_adapter_methods_are_fitted(multi_run, tmp_path):
         assert {n for n, a in manifest["adapters"].items() if a["fitted_on_base"]} == shipped
 
 
-def test_an_adapter_fit_brings_the_mirror_to_its_teacher(multi_run):
-    """``distill.fit_adapter`` trains only the adapter's values, on the mirror with the base fixed: from the
-    slots' defaults (IA3 vectors of ones) towards a teacher that is the same mirror under the trained vectors."""
+def _calendar_mirror(multi_run):
+    """The multi run's healed graph as a PyTorch mirror (float activations), the calendar IA3's trained values, four
+    windows, and as teacher the mirror's own log-probabilities under those values."""
     import onnx
-    import torch
     from transformers import AutoConfig
 
-    from edgepeft.heal.distill import fit_adapter, kl_loss, teacher_log_probs
+    from edgepeft.heal.distill import teacher_log_probs
     from edgepeft.heal.mirror import GraphWeights, Mirror
     from edgepeft.onnx.switchable import adapter_params
 
@@ -212,7 +211,17 @@ def test_an_adapter_fit_brings_the_mirror_to_its_teacher(multi_run):
     mirror = Mirror(graph, config, None)
     windows = [list(range(40 + 7 * k, 72 + 7 * k)) for k in range(4)]
     mirror.set_adapter(trained)
-    teacher = teacher_log_probs(mirror.model, windows)
+    return mirror, trained, windows, teacher_log_probs(mirror.model, windows)
+
+
+def test_an_adapter_fit_brings_the_mirror_to_its_teacher(multi_run):
+    """``distill.fit_adapter`` trains only the adapter's values, on the mirror with the base fixed: from the
+    slots' defaults (IA3 vectors of ones) towards a teacher that is the same mirror under the trained vectors."""
+    import torch
+
+    from edgepeft.heal.distill import fit_adapter, kl_loss
+
+    mirror, trained, windows, teacher = _calendar_mirror(multi_run)
     ones = {k: np.ones_like(v) for k, v in trained.items()}
     scales = [g.detach().clone() for g in mirror.gains()]
 
@@ -235,22 +244,11 @@ def test_an_adapter_fit_brings_the_mirror_to_its_teacher(multi_run):
 def test_an_adapter_fit_with_labels_learns_its_answers(multi_run):
     """With ``label_weight`` the fit also learns the task windows' own tokens at their answer positions: from the
     teacher's own values, where the KL alone has nothing to move, the answers' cross-entropy falls."""
-    import onnx
     import torch
-    from transformers import AutoConfig
 
-    from edgepeft.heal.distill import fit_adapter, label_loss, teacher_log_probs
-    from edgepeft.heal.mirror import GraphWeights, Mirror
-    from edgepeft.onnx.switchable import adapter_params
+    from edgepeft.heal.distill import fit_adapter, label_loss
 
-    out = multi_run["out"]
-    graph = GraphWeights(onnx.load(str(out / "heal" / "model" / "model.onnx")))
-    config = AutoConfig.from_pretrained(out / "merge" / "model")
-    trained = adapter_params(graph.model.graph, config, out / "train" / "adapter" / "calendar")[1]
-    mirror = Mirror(graph, config, None)
-    windows = [list(range(40 + 7 * k, 72 + 7 * k)) for k in range(4)]
-    mirror.set_adapter(trained)
-    teacher = teacher_log_probs(mirror.model, windows)
+    mirror, trained, windows, teacher = _calendar_mirror(multi_run)
     mask = [0] * 20 + [1] * 11 + [0]  # positions 20..30 predict the "answer", tokens 21..31
 
     def answers_ce(values):

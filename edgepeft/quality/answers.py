@@ -61,5 +61,9 @@ def exact_match(model, tokenizer, samples: list[Sample], match: Callable[[str, s
     if not samples:
         return float("nan"), []
     answers = greedy_answers(model, tokenizer, samples, **kwargs)
-    hits = sum(match(a, s.reference) for a, s in zip(answers, samples, strict=True))
-    return hits / len(samples), answers
+    return share_matched(answers, samples, match), answers
+
+
+def share_matched(answers: list[str], samples: list[Sample], match: Callable[[str, str], bool]) -> float:
+    """The share of ``answers`` that ``match`` their samples' references."""
+    return sum(match(a, s.reference) for a, s in zip(answers, samples, strict=True)) / len(samples)

@@ -35,7 +35,7 @@ from edgepeft.core.errors import EdgepeftError
 from edgepeft.onnx.decoder import Decoder
 from edgepeft.pipeline.target import from_manifest
 from edgepeft.quality import reference as torch_reference
-from edgepeft.quality.answers import matcher
+from edgepeft.quality.answers import matcher, share_matched
 from edgepeft.quality.reference import Reference
 from edgepeft.quality.scores import Budgets, fmt_value, passed, score, table, verdict
 
@@ -135,7 +135,7 @@ def measure(bundle: Path, manifest: dict, recipe, cfg: EvaluateConfig, reference
         del runner
         with progress(len(samples), "exact match (4-bit base + adapter)", "example") as bar:
             ref_answers, cached = reference.answers(ref_model, tokenizer, samples, cfg.max_new_tokens, bar.update)
-        ref_acc = sum(match(a, s.reference) for a, s in zip(ref_answers, samples, strict=True)) / len(samples)
+        ref_acc = share_matched(ref_answers, samples, match)
         shown = [{"prompt": s.messages[-2][1] if s.messages else s.prompt, "bundle": a, "reference_model": r,
                   "expected": s.reference}
                  for s, a, r in zip(samples, answers, ref_answers, strict=True) if a.strip() != r.strip()][:8]
