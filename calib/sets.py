@@ -107,6 +107,25 @@ def task_windows(tokenizer, samples, windows: int, length: int, answers: list | 
     return [ids[i * length:(i + 1) * length] for i in range(count)]
 
 
+def task_examples(tokenizer, samples, count: int, length: int, answers: list | None = None) -> list[list[int]]:
+    """The first ``count`` training samples that have an answer, each alone, encoded as in training (one
+    conversation from its start, truncated to ``length``): the context a model answers in at run time, where
+    ``task_windows`` reads later conversations after earlier ones. ``answers``, when given, receives one mask per
+    example as ``task_windows`` gives it, less the positions after the end-of-turn token (trained, never
+    generated): teacher-forced, a model gives an answer exactly where greedy generation would."""
+    out: list[list[int]] = []
+    for s in samples:
+        if len(out) >= count:
+            break
+        ids, labels = encode(tokenizer, s, length)
+        mask = [int(lab != IGNORE and ids[t] != tokenizer.eos_token_id) for t, lab in enumerate(labels[1:])] + [0]
+        if len(ids) > 1 and any(mask):
+            out.append(ids)
+            if answers is not None:
+                answers.append(mask)
+    return out
+
+
 def calibration_windows(recipe, tokenizer, prose_windows: int, task_windows_: int, length: int,
                         text: str = BUILTIN_TEXT, answers: list | None = None) -> tuple[list[list[int]], dict]:
     """The calibration windows of a recipe: prose, then the task's training examples (with ``[tasks]``, every

@@ -140,6 +140,8 @@ prose_windows = 2
 task_windows = 2
 window_tokens = 32
 checkpoint_every = 2
+adapter_steps = 12
+adapter_examples = 6
 [evaluate]
 windows = 2
 window_tokens = 32

@@ -319,6 +319,29 @@ def test_answer_masks_mark_the_positions_that_predict_answers(smollm_tokenizer_d
     assert samples[0].messages[0][1] not in answers
 
 
+def test_task_examples_are_single_conversations_with_their_answers(smollm_tokenizer_dir):
+    """The adapter fit's examples: each training sample alone, from the start of its conversation as generation
+    reads it, its mask on exactly the positions that predict the answer and its end-of-turn token (not the
+    newline training appends after it, which is never generated)."""
+    from edgepeft.calib.data import builtin_splits, prompt_ids
+    from edgepeft.calib.sets import task_examples
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    samples = builtin_splits("calendar-events")["train"][:10]
+    masks: list = []
+    examples = task_examples(tok, samples, 4, 256, masks)
+    assert len(examples) == len(masks) == 4
+    for s, ids, mask in zip(samples[:4], examples, masks, strict=True):
+        prompt = prompt_ids(tok, s)
+        assert ids[:len(prompt)] == prompt  # one conversation, as the gate prompts it
+        assert len(mask) == len(ids) and mask[-1] == 0
+        answer = [ids[t + 1] for t in range(len(ids) - 1) if mask[t]]
+        assert answer == ids[len(prompt):len(prompt) + len(answer)]
+        assert tok.decode(answer) == s.reference + tok.eos_token
+    assert task_examples(tok, samples, 0, 256) == []
+    assert len(task_examples(tok, samples, 50, 256)) == 10  # no more than there are
+
 def test_label_loss_reads_the_answer_positions_inside_the_window():
     import torch
 

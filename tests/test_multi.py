@@ -154,7 +154,11 @@ def test_each_adapter_is_fitted_on_the_shipped_base(multi_run):
     graph = onnx.load(str(out / "heal" / "model" / "model.onnx")).graph
     config = AutoConfig.from_pretrained(out / "merge" / "model")
     for task, f in fits.items():
-        assert f["steps"] == 64 and f["windows"] > 0 and f["method"] == manifest["adapters"][task]["method"]
+        assert f["steps"] == 12 and f["method"] == manifest["adapters"][task]["method"]
+        # its share of the prose windows, and its task's training examples, each alone
+        assert f["examples"] == 6
+        assert f["prose_windows"] == multi_run["records"]["heal"]["figures"]["calibration"][
+            "prose_windows_per_adapter"][task]
         assert f["lr"] == (3e-3 if f["method"] == "ia3" else 3e-4)
         assert f["fitted"] == (f["kl_after"] < f["kl_before"] and
                                (f["answers_before"] is None or f["answers_after"] >= f["answers_before"]))

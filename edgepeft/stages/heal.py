@@ -25,10 +25,11 @@ each adapter, each task's training examples under its own), its teacher is that 
 dequantized base, and the mirror applies the adapter's runtime values as the graph's slots will
 (``Mirror.set_adapter``); the adapters stay fixed. The figures are given per adapter too. Then, with
 ``[heal] adapter_steps``, each adapter of the ``adapter_methods`` (IA3 and LoRA by default) has its own values fitted on
-the base as shipped (healed or not), the base fixed, on its own windows against its own teacher: the adapters
-were trained on the NF4 base, and what the int4 base computes otherwise an adapter can absorb for its own task,
-which a shared base cannot do for every task at once. A fitted adapter that holds (KL lower, answers kept) is
-written to ``adapters/<name>.onnx_adapter`` for the bundle.
+the base as shipped (healed or not), the base fixed, against its own teacher, on its share of the prose windows and
+its task's training examples each alone (``[heal] adapter_examples``): the adapters were trained on the NF4 base,
+and what the int4 base computes otherwise an adapter can absorb for its own task, which a shared base cannot do
+for every task at once. A fitted adapter that holds (KL lower, answers kept) is written to
+``adapters/<name>.onnx_adapter`` for the bundle.
 """
 
 from __future__ import annotations
@@ -124,49 +125,97 @@ def _answer_agreement(logits: dict, teacher, windows, answers, under=None) -> di
     return {name: round(h[0] / h[1], 5) for name, h in hits.items()}
 
 
-def _fit_adapters(cfg, graph, config, kernels, methods, params, windows, under, teacher, picked, answers, genai,
-                  before, answers_before, out) -> dict:
-    """Each runtime adapter's own values fitted on the shipped base (``graph``, fixed), on its own calibration
-    windows against its own teacher (``distill.fit_adapter``), then judged with ONNX Runtime as the graph with
-    slots computes: an adapter whose fit raises its KL or loses it answers (more than ``max_answer_drop``, or
+def _teacher_model(ctx: StageContext, name: str | None):
+    """The trained model as the merge stage wrote it, in fp32; with [tasks], adapter ``name`` merged onto it as its
+    single-task merge would be (None: the base alone)."""
+    model = adapters.load_merged(ctx.artifact("merge"))
+    if name is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, ctx.artifact("train") / name).merge_and_unload().eval()
+
+
+def _adapter_data(ctx: StageContext, cfg: HealConfig, tokenizer, name: str, windows, under, teacher, answers):
+    """What adapter ``name`` is fitted and judged on: its share of the prose windows, and its task's first
+    ``[heal] adapter_examples`` training examples, each alone (``calib.sets.task_examples``), with its teacher's
+    log-probabilities. The packed task windows read later conversations after earlier ones, which training and
+    generation never do: there the calendar IA3's own teacher gave 14.5% of the answers, against 73.4% of
+    single examples, and a fit towards it won nothing at the gate (docs/measurements.md)."""
+    from edgepeft.calib.data import recipe_splits
+    from edgepeft.calib.sets import task_examples
+    from edgepeft.heal.distill import teacher_log_probs
+
+    prose = [i for i, u in enumerate(under) if u == name and (not answers or answers[i] is None)]
+    masks: list = []
+    task = ctx.recipe.task(name)
+    examples = task_examples(tokenizer, recipe_splits(task)["train"], cfg.adapter_examples, task.train.max_length,
+                             masks)
+    model = _teacher_model(ctx, name)
+    with progress(len(examples), f"adapter {name}'s trained model on {len(examples)} examples", "example") as bar:
+        logp = teacher_log_probs(model, examples, bar.update)
+    del model
+    gc.collect()
+    return ([windows[i] for i in prose] + examples, [teacher[i] for i in prose] + logp,
+            [None] * len(prose) + masks)
+
+
+def _adapter_judged(slotted, genai, name: str, values, windows, teacher, masks) -> tuple[float, float | None]:
+    """KL to its teacher over the adapter's fit data and the share of its examples' answers given exactly as the
+    teacher gives them (None without examples), the graph under ONNX Runtime with ``values`` in its slots."""
+    logits = dict(enumerate(_ort_logits(slotted, genai, windows, [name] * len(windows), {name: values})))
+    kl = score([t.float().numpy() for t in teacher], [logits[i] for i in range(len(windows))], windows)["kl"]
+    share = _answer_agreement(logits, teacher, windows, masks)
+    return kl, share.get("(task)")
+
+
+def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, methods, params, windows, under,
+                  teacher, answers, genai, out) -> dict:
+    """Each runtime adapter's own values fitted on the shipped base (``graph``, fixed) against its own teacher
+    (``distill.fit_adapter``), on ``_adapter_data``, then judged on the same data with ONNX Runtime as the graph
+    with slots computes: an adapter whose fit raises its KL or loses it answers (more than ``max_answer_drop``, or
     any when unset) keeps its trained values. Fitted values that hold go to ``out/adapters/<name>`` (the bundle
     ships them); returns the figures per adapter."""
     from edgepeft.heal.distill import fit_adapter
     from edgepeft.heal.mirror import Mirror
     from edgepeft.onnx.switchable import EXTENSION, with_slots, write_adapter
 
+    kernels = ctx.recipe.kernels
     mirror = Mirror(graph, config, kernels.activation_rounding, kernels.bf16_scales)
-    fitted, figures = {}, {}
+    slotted = with_slots(graph.model, params)
+    keep = 0.0 if cfg.max_answer_drop is None else cfg.max_answer_drop
+    figures = {}
     for name in params:
         if methods[name] not in cfg.adapter_methods:
             continue
-        idx = [i for i, u in enumerate(under) if u == name]
+        data, logp, masks = _adapter_data(ctx, cfg, tokenizer, name, windows, under, teacher, answers)
+        if not data:
+            raise EdgepeftError(f"[heal] adapter {name} has nothing to be fitted on: no prose window and no training "
+                                "example with an answer ([heal] adapter_examples, prose_windows)")
         lr = cfg.adapter_lr or (3e-3 if methods[name] == "ia3" else 3e-4)
         with progress(cfg.adapter_steps, f"fit adapter {name} ({methods[name]}) on the int4 base", "step") as bar:
             def shown(loss, bar=bar):
                 bar.update(1)
                 bar.set_postfix(kl=f"{loss:.4f}")
-            fitted[name], losses = fit_adapter(mirror, params[name], [windows[i] for i in idx],
-                                               [teacher[i] for i in idx], lr, cfg.adapter_steps, cfg.seed, shown,
-                                               [answers[i] for i in idx] if answers else None,
-                                               cfg.adapter_label_weight)
-        k = len(idx)
-        figures[name] = {"method": methods[name], "lr": lr, "steps": cfg.adapter_steps, "windows": k,
+            fitted, losses = fit_adapter(mirror, params[name], data, logp, lr, cfg.adapter_steps, cfg.seed, shown,
+                                         masks, cfg.adapter_label_weight)
+        k = min(len(data), len(losses))
+        kl_before, a_before = _adapter_judged(slotted, genai, name, params[name], data, logp, masks)
+        kl_after, a_after = _adapter_judged(slotted, genai, name, fitted, data, logp, masks)
+        lost = a_before is not None and a_after < a_before - keep
+        figures[name] = {"method": methods[name], "lr": lr, "steps": cfg.adapter_steps,
+                         "prose_windows": sum(m is None for m in masks), "examples": sum(m is not None for m in masks),
                          "label_weight": cfg.adapter_label_weight,
                          "loss_first_epoch": round(float(np.mean(losses[:k])), 5),
-                         "loss_last_epoch": round(float(np.mean(losses[-k:])), 5)}
-    trial = {**params, **fitted}
-    scores, shares = _judged(with_slots(graph.model, trial), genai, teacher, windows, picked, answers, under, trial)
-    keep = 0.0 if cfg.max_answer_drop is None else cfg.max_answer_drop
-    for name, f in figures.items():
-        kl_before, kl_after = before["per_adapter"][name]["kl"], scores["per_adapter"][name]["kl"]
-        a_before, a_after = answers_before.get(name), shares.get(name)
-        lost = a_before is not None and a_after < a_before - keep
-        f.update(kl_before=kl_before, kl_after=kl_after, answers_before=a_before, answers_after=a_after,
-                 fitted=kl_after < kl_before and not lost)
-        if f["fitted"]:
+                         "loss_last_epoch": round(float(np.mean(losses[-k:])), 5),
+                         "kl_before": round(kl_before, 5), "kl_after": round(kl_after, 5),
+                         "answers_before": a_before, "answers_after": a_after,
+                         "fitted": kl_after < kl_before and not lost}
+        if figures[name]["fitted"]:
             (out / "adapters").mkdir(exist_ok=True)
-            write_adapter(fitted[name], out / "adapters" / f"{name}{EXTENSION}")
+            write_adapter(fitted, out / "adapters" / f"{name}{EXTENSION}")
+        del logp
+        gc.collect()
     return figures
 
 
@@ -232,12 +281,7 @@ def run(ctx: StageContext) -> None:
     with progress(len(windows), "trained model's log-probabilities", "window") as bar:
         for name in dict.fromkeys(under):
             idx = [i for i, u in enumerate(under) if u == name]
-            teacher_model = adapters.load_merged(ctx.artifact("merge"))
-            if name is not None:
-                from peft import PeftModel
-
-                teacher_model = PeftModel.from_pretrained(teacher_model, ctx.artifact("train") / name)
-                teacher_model = teacher_model.merge_and_unload().eval()
+            teacher_model = _teacher_model(ctx, name)
             for i, lp in zip(idx, teacher_log_probs(teacher_model, [windows[i] for i in idx], bar.update),
                              strict=True):
                 teacher[i] = lp
@@ -313,8 +357,8 @@ def run(ctx: StageContext) -> None:
     adapter_fit = {}
     if names and cfg.adapter_steps and any(methods[n] in cfg.adapter_methods for n in params):
         shipped = graph if healed else GraphWeights(onnx.load(str(src / MODEL)))
-        adapter_fit = _fit_adapters(cfg, shipped, config, kernels, methods, params, windows, under, teacher, picked,
-                                    answers, genai, after, answers_fitted if healed else answers_before, out)
+        adapter_fit = _fit_adapters(ctx, cfg, tokenizer, shipped, config, methods, params, windows, under, teacher,
+                                    answers, genai, out)
 
     n = len(windows)
     losses = fit.losses
