@@ -242,8 +242,8 @@ class HealConfig:
     # windows put the teacher off its own distribution). The adapters were trained on the NF4 base; the int4 base
     # computes otherwise, and an adapter fitted on it wins back its task's answers for itself (calendar IA3 on
     # the gate's 512 test prompts, teacher-forced: 71.9% -> 76.4% of its teacher's 77.7%, docs/measurements.md).
-    # One example or window per step. A fit that ends worse on its data (higher KL, or answers lost) is not
-    # shipped. 0: off.
+    # One example or window per step. A fit that ends worse (a higher KL on its prose windows, or fewer of its
+    # examples answered as their labels say) is not shipped. 0: off.
     adapter_steps: int = 256
     adapter_examples: int = 256
     adapter_lr: float | None = None  # unset: 3e-3 for IA3's vectors (~1), 3e-4 for LoRA's matrices

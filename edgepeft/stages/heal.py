@@ -160,22 +160,29 @@ def _adapter_data(ctx: StageContext, cfg: HealConfig, tokenizer, name: str, wind
             [None] * len(prose) + masks)
 
 
-def _adapter_judged(slotted, genai, name: str, values, windows, teacher, masks) -> tuple[float, float | None]:
-    """KL to its teacher over the adapter's fit data and the share of its examples' answers given exactly as the
-    teacher gives them (None without examples), the graph under ONNX Runtime with ``values`` in its slots."""
-    logits = dict(enumerate(_ort_logits(slotted, genai, windows, [name] * len(windows), {name: values})))
-    kl = score([t.float().numpy() for t in teacher], [logits[i] for i in range(len(windows))], windows)["kl"]
-    share = _answer_agreement(logits, teacher, windows, masks)
-    return kl, share.get("(task)")
+def _adapter_judged(slotted, genai, name: str, values, windows, teacher, masks) -> tuple[float | None, float | None]:
+    """What an adapter's fit answers for, the graph under ONNX Runtime with ``values`` in its slots: the KL to its
+    teacher on its prose windows (None without), and the share of its examples whose answer is given exactly as
+    the example's own labels say, teacher-forced (greedy exact match on training data; None without examples).
+    The gate judges the same two things on held-out data: prose against the reference, answers against the
+    references. Against the teacher's own answers the labels' pull would count as a loss."""
+    logits = _ort_logits(slotted, genai, windows, [name] * len(windows), {name: values})
+    prose = [i for i, m in enumerate(masks) if m is None]
+    kl = score([teacher[i].float().numpy() for i in prose], [logits[i] for i in prose],
+               [windows[i] for i in prose])["kl"] if prose else None
+    shots = [i for i, m in enumerate(masks) if m is not None]
+    hits = [all(logits[i][t].argmax() == windows[i][t + 1] for t in range(len(windows[i]) - 1) if masks[i][t])
+            for i in shots]
+    return kl, (round(sum(hits) / len(hits), 5) if hits else None)
 
 
 def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, methods, params, windows, under,
                   teacher, answers, genai, out) -> dict:
     """Each runtime adapter's own values fitted on the shipped base (``graph``, fixed) against its own teacher
     (``distill.fit_adapter``), on ``_adapter_data``, then judged on the same data with ONNX Runtime as the graph
-    with slots computes: an adapter whose fit raises its KL or loses it answers (more than ``max_answer_drop``, or
-    any when unset) keeps its trained values. Fitted values that hold go to ``out/adapters/<name>`` (the bundle
-    ships them); returns the figures per adapter."""
+    with slots computes (``_adapter_judged``): an adapter whose fit raises its prose KL or loses its examples'
+    answers (more than ``max_answer_drop``, or any when unset) keeps its trained values. Fitted values that hold
+    go to ``out/adapters/<name>`` (the bundle ships them); returns the figures per adapter."""
     from edgepeft.heal.distill import fit_adapter
     from edgepeft.heal.mirror import Mirror
     from edgepeft.onnx.switchable import EXTENSION, with_slots, write_adapter
@@ -203,14 +210,15 @@ def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, 
         kl_before, a_before = _adapter_judged(slotted, genai, name, params[name], data, logp, masks)
         kl_after, a_after = _adapter_judged(slotted, genai, name, fitted, data, logp, masks)
         lost = a_before is not None and a_after < a_before - keep
+        worse = kl_before is not None and kl_after > kl_before
         figures[name] = {"method": methods[name], "lr": lr, "steps": cfg.adapter_steps,
                          "prose_windows": sum(m is None for m in masks), "examples": sum(m is not None for m in masks),
                          "label_weight": cfg.adapter_label_weight,
                          "loss_first_epoch": round(float(np.mean(losses[:k])), 5),
                          "loss_last_epoch": round(float(np.mean(losses[-k:])), 5),
-                         "kl_before": round(kl_before, 5), "kl_after": round(kl_after, 5),
-                         "answers_before": a_before, "answers_after": a_after,
-                         "fitted": kl_after < kl_before and not lost}
+                         "prose_kl_before": None if kl_before is None else round(kl_before, 5),
+                         "prose_kl_after": None if kl_after is None else round(kl_after, 5),
+                         "answers_before": a_before, "answers_after": a_after, "fitted": not worse and not lost}
         if figures[name]["fitted"]:
             (out / "adapters").mkdir(exist_ok=True)
             write_adapter(fitted, out / "adapters" / f"{name}{EXTENSION}")
@@ -397,11 +405,13 @@ def run(ctx: StageContext) -> None:
         print("  the fit made the graph worse on calibration data: the requantized graph ships unchanged (more "
               "[heal] steps or a lower lr)")
     for name, f in adapter_fit.items():
-        a_before, a_after = f["answers_before"], f["answers_after"]
-        answers_line = "" if a_before is None else f", answers {100 * a_before:.1f}% -> {100 * a_after:.1f}%"
+        a_before, a_after, k_before, k_after = (f[k] for k in ("answers_before", "answers_after", "prose_kl_before",
+                                                               "prose_kl_after"))
+        said = ([] if k_before is None else [f"prose KL {k_before:.3f} -> {k_after:.3f}"]) + (
+            [] if a_before is None else [f"its {f['examples']} examples' answers {100 * a_before:.1f}% -> "
+                                         f"{100 * a_after:.1f}%"])
         print(f"  adapter {name} fitted on the {'healed' if healed else 'requantized'} base in {f['steps']} steps: "
-              f"KL {f['kl_before']:.3f} -> {f['kl_after']:.3f}{answers_line}: "
-              + ("ships fitted" if f["fitted"] else "keeps its trained values"))
+              + ", ".join(said) + ": " + ("ships fitted" if f["fitted"] else "keeps its trained values"))
 
 
 STAGE = Stage("heal", run, sections=("heal", "requantize", "kernels", "tasks"), reads=("requantize", "merge", "train"),
