@@ -26,6 +26,7 @@ def _recipe(tmp_path, body):
     ("[train]\ndata = \"BAD\"\n", "malformed JSON"),
     ("[train]\ndata = \"EMPTY\"\n", "no examples"),
     ("[heal]\nadapter_methods = [\"prefix\"]\n", "adapter_methods must name runtime adapter methods"),
+    ("[heal]\nadapter_max_kl_increase = -0.1\n", "adapter_max_kl_increase must not be negative"),
 ])
 def test_bad_input_is_one_line(tmp_path, body, words):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')

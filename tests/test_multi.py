@@ -160,7 +160,7 @@ def test_each_adapter_is_fitted_on_the_shipped_base(multi_run):
         assert f["prose_windows"] == multi_run["records"]["heal"]["figures"]["calibration"][
             "prose_windows_per_adapter"][task]
         assert f["lr"] == (3e-3 if f["method"] == "ia3" else 3e-4)
-        assert f["fitted"] == ((f["prose_kl_before"] is None or f["prose_kl_after"] <= f["prose_kl_before"]) and
+        assert f["fitted"] == ((f["prose_kl_before"] is None or f["prose_kl_after"] <= 1.1 * f["prose_kl_before"]) and
                                (f["answers_before"] is None or f["answers_after"] >= f["answers_before"]))
         assert (out / "heal" / "model" / "adapters" / f"{task}.onnx_adapter").is_file() == f["fitted"]
         assert manifest["adapters"][task]["fitted_on_base"] == f["fitted"]

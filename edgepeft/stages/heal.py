@@ -180,8 +180,9 @@ def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, 
                   teacher, answers, genai, out) -> dict:
     """Each runtime adapter's own values fitted on the shipped base (``graph``, fixed) against its own teacher
     (``distill.fit_adapter``), on ``_adapter_data``, then judged on the same data with ONNX Runtime as the graph
-    with slots computes (``_adapter_judged``): an adapter whose fit raises its prose KL or loses its examples'
-    answers (more than ``max_answer_drop``, or any when unset) keeps its trained values. Fitted values that hold
+    with slots computes (``_adapter_judged``): an adapter whose fit raises its prose KL by more than
+    ``adapter_max_kl_increase`` or loses its examples' answers (more than ``max_answer_drop``, or any when unset)
+    keeps its trained values. Fitted values that hold
     go to ``out/adapters/<name>`` (the bundle ships them); returns the figures per adapter."""
     from edgepeft.heal.distill import fit_adapter
     from edgepeft.heal.mirror import Mirror
@@ -210,7 +211,7 @@ def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, 
         kl_before, a_before = _adapter_judged(slotted, genai, name, params[name], data, logp, masks)
         kl_after, a_after = _adapter_judged(slotted, genai, name, fitted, data, logp, masks)
         lost = a_before is not None and a_after < a_before - keep
-        worse = kl_before is not None and kl_after > kl_before
+        worse = kl_before is not None and kl_after > kl_before * (1 + cfg.adapter_max_kl_increase)
         figures[name] = {"method": methods[name], "lr": lr, "steps": cfg.adapter_steps,
                          "prose_windows": sum(m is None for m in masks), "examples": sum(m is not None for m in masks),
                          "label_weight": cfg.adapter_label_weight,
