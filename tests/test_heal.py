@@ -342,6 +342,7 @@ def test_task_examples_are_single_conversations_with_their_answers(smollm_tokeni
     assert task_examples(tok, samples, 0, 256) == []
     assert len(task_examples(tok, samples, 50, 256)) == 10  # no more than there are
 
+
 def test_label_loss_reads_the_answer_positions_inside_the_window():
     import torch
 

@@ -28,8 +28,8 @@ dequantized base, and the mirror applies the adapter's runtime values as the gra
 the base as shipped (healed or not), the base fixed, against its own teacher, on its share of the prose windows and
 its task's training examples each alone (``[heal] adapter_examples``): the adapters were trained on the NF4 base,
 and what the int4 base computes otherwise an adapter can absorb for its own task, which a shared base cannot do
-for every task at once. A fitted adapter that holds (KL lower, answers kept) is written to
-``adapters/<name>.onnx_adapter`` for the bundle.
+for every task at once. A fitted adapter that holds (its examples' answers kept, its prose KL up by no more than
+``adapter_max_kl_increase``) is written to ``adapters/<name>.onnx_adapter`` for the bundle.
 """
 
 from __future__ import annotations
@@ -160,20 +160,29 @@ def _adapter_data(ctx: StageContext, cfg: HealConfig, tokenizer, name: str, wind
             [None] * len(prose) + masks)
 
 
-def _adapter_judged(slotted, genai, name: str, values, windows, teacher, masks) -> tuple[float | None, float | None]:
-    """What an adapter's fit answers for, the graph under ONNX Runtime with ``values`` in its slots: the KL to its
-    teacher on its prose windows (None without), and the share of its examples whose answer is given exactly as
-    the example's own labels say, teacher-forced (greedy exact match on training data; None without examples).
-    The gate judges the same two things on held-out data: prose against the reference, answers against the
-    references. Against the teacher's own answers the labels' pull would count as a loss."""
-    logits = _ort_logits(slotted, genai, windows, [name] * len(windows), {name: values})
+def _adapter_judged(slotted, genai, trials: list[dict], windows, teacher, masks) -> list[tuple[float | None,
+                                                                                              float | None]]:
+    """What an adapter's fit answers for, the graph under ONNX Runtime with each of ``trials`` (its slot values)
+    fed in turn, in one session: the KL to its teacher on its prose windows (None without), and the share of its
+    examples whose answer is given exactly as the example's own labels say, teacher-forced (greedy exact match on
+    training data; None without examples). The gate judges the same two things on held-out data: prose against
+    the reference, answers against the references. Against the teacher's own answers the labels' pull would count
+    as a loss."""
+    n = len(windows)
+    keys = [f"trial {j}" for j in range(len(trials))]
+    logits = _ort_logits(slotted, genai, windows * len(trials), [k for k in keys for _ in windows],
+                         dict(zip(keys, trials, strict=True)))
     prose = [i for i, m in enumerate(masks) if m is None]
-    kl = score([teacher[i].float().numpy() for i in prose], [logits[i] for i in prose],
-               [windows[i] for i in prose])["kl"] if prose else None
     shots = [i for i, m in enumerate(masks) if m is not None]
-    hits = [all(logits[i][t].argmax() == windows[i][t + 1] for t in range(len(windows[i]) - 1) if masks[i][t])
-            for i in shots]
-    return kl, (round(sum(hits) / len(hits), 5) if hits else None)
+    out = []
+    for j in range(len(trials)):
+        mine = logits[j * n:(j + 1) * n]
+        kl = score([teacher[i].float().numpy() for i in prose], [mine[i] for i in prose],
+                   [windows[i] for i in prose])["kl"] if prose else None
+        hits = [all(mine[i][t].argmax() == windows[i][t + 1] for t in range(len(windows[i]) - 1) if masks[i][t])
+                for i in shots]
+        out.append((kl, round(sum(hits) / len(hits), 5) if hits else None))
+    return out
 
 
 def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, methods, params, windows, under,
@@ -182,8 +191,8 @@ def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, 
     (``distill.fit_adapter``), on ``_adapter_data``, then judged on the same data with ONNX Runtime as the graph
     with slots computes (``_adapter_judged``): an adapter whose fit raises its prose KL by more than
     ``adapter_max_kl_increase`` or loses its examples' answers (more than ``max_answer_drop``, or any when unset)
-    keeps its trained values. Fitted values that hold
-    go to ``out/adapters/<name>`` (the bundle ships them); returns the figures per adapter."""
+    keeps its trained values. Fitted values that hold go to ``out/adapters/<name>`` (the bundle ships them);
+    returns the figures per adapter."""
     from edgepeft.heal.distill import fit_adapter
     from edgepeft.heal.mirror import Mirror
     from edgepeft.onnx.switchable import EXTENSION, with_slots, write_adapter
@@ -208,8 +217,8 @@ def _fit_adapters(ctx: StageContext, cfg: HealConfig, tokenizer, graph, config, 
             fitted, losses = fit_adapter(mirror, params[name], data, logp, lr, cfg.adapter_steps, cfg.seed, shown,
                                          masks, cfg.adapter_label_weight)
         k = min(len(data), len(losses))
-        kl_before, a_before = _adapter_judged(slotted, genai, name, params[name], data, logp, masks)
-        kl_after, a_after = _adapter_judged(slotted, genai, name, fitted, data, logp, masks)
+        (kl_before, a_before), (kl_after, a_after) = _adapter_judged(slotted, genai, [params[name], fitted], data,
+                                                                     logp, masks)
         lost = a_before is not None and a_after < a_before - keep
         worse = kl_before is not None and kl_after > kl_before * (1 + cfg.adapter_max_kl_increase)
         figures[name] = {"method": methods[name], "lr": lr, "steps": cfg.adapter_steps,
