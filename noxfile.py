@@ -1,6 +1,7 @@
 """Sessions: `nox -s export-android` (the main job), `nox -s export-ios`, `nox -s export-cpu`, `nox -s export-multi`
 (two runtime-switchable adapters in one bundle), `nox -s tests`,
-`nox -s lint`, `nox -s bench`, `nox -s emulate-android` (the bundle on aarch64 onnxruntime under qemu),
+`nox -s lint`, `nox -s bench`, `nox -s bench-train` (training vs the standard QLoRA recipe),
+`nox -s emulate-android` (the bundle on aarch64 onnxruntime under qemu),
 `nox -s latency-check` (the CI latency gate; `-- --update-baseline` accepts a
 new baseline on purpose), `nox -s latency-study` (how often the gate false-alarms and detects on this machine).
 
@@ -82,6 +83,16 @@ def bench(session: nox.Session) -> None:
     install(session, "[bench]")
     session.run("edgepeft", "run", "export/android.toml")
     session.run("python", "-m", "edgepeft.latency.bench", "dist/android", *session.posargs)
+
+
+@nox.session(name="bench-train")
+def bench_train(session: nox.Session) -> None:
+    """edgepeft's train stage vs the standard transformers + peft QLoRA recipe (Trainer, prepare_model_for_kbit_
+    training), same examples, batches, adapter and compute dtype, each with and without gradient checkpointing,
+    each variant in its own process (peak memory), interleaved (runs the recipe up to quantize first)."""
+    install(session)
+    session.run("edgepeft", "run", "export/android.toml", "--to", "quantize")
+    session.run("python", "-m", "edgepeft.latency.bench_train", "export/android.toml", *session.posargs)
 
 
 @nox.session(name="compare-methods")

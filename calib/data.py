@@ -197,3 +197,41 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
         mask[i, n - len(ids):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+
+
+def pack(batch: list[tuple[list[int], list[int]]]):
+    """The batch as one row without padding, its examples' common prompt prefix computed once.
+
+    The row holds the prefix the examples share (the system prompt and chat markup, up to the first labelled
+    token of any of them), then each example's remaining tokens one after another. A 4D additive mask lets each
+    token attend to the shared prefix and to the earlier tokens of its own example only, and position ids
+    restart after the prefix for each example, so every token sees exactly what it would see in its own padded
+    row: the same loss, for the tokens actually present. ``targets`` holds at each position the token it
+    predicts (IGNORE where none is learned, and at each example's last token); ``keep`` the positions whose
+    logits are needed.
+    """
+    import torch
+
+    first = [next((j for j, t in enumerate(lab) if t != IGNORE), len(lab)) for _, lab in batch]
+    shared = min(len(ids) for ids, _ in batch)
+    for ids, _ in batch[1:]:
+        shared = next((j for j in range(shared) if ids[j] != batch[0][0][j]), shared)
+    shared = max(0, min(shared, min(first) - 1))  # prefix positions predict no label: they are computed once
+    ids = list(batch[0][0][:shared])
+    positions = list(range(shared))
+    targets = [IGNORE] * shared
+    owner = [-1] * shared
+    for i, (seq, lab) in enumerate(batch):
+        ids += seq[shared:]
+        positions += range(shared, len(seq))
+        targets += list(lab[shared + 1:]) + [IGNORE]
+        owner += [i] * (len(seq) - shared)
+    n = len(ids)
+    who = torch.tensor(owner)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed = causal & ((who[:, None] == who[None, :]) | (who[None, :] == -1))
+    mask = torch.zeros(n, n).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    t = torch.tensor(targets)
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "attention_mask": mask[None, None], "targets": t[None], "keep": (t != IGNORE).nonzero()[:, 0],
+            "tokens": n}

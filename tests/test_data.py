@@ -75,3 +75,24 @@ def test_collate_left_pads():
     assert b["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, 8]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_pack_computes_the_shared_prefix_once_and_keeps_examples_apart():
+    from edgepeft.calib.data import pack
+
+    a = ([1, 2, 3, 10, 11], [IGNORE, IGNORE, IGNORE, IGNORE, 11])
+    b = ([1, 2, 3, 20, 21, 22], [IGNORE, IGNORE, IGNORE, IGNORE, 21, 22])
+    p = pack([a, b])
+    # the prefix [1, 2, 3] stops before the position that predicts the first labelled token (index 3 -> 4)
+    assert p["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20, 21, 22]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    # position t predicts the next token of its own example; an example's last token predicts nothing
+    assert p["targets"].tolist() == [[IGNORE, IGNORE, IGNORE, 11, IGNORE, 21, 22, IGNORE]]
+    assert p["keep"].tolist() == [3, 5, 6]
+    seen = (p["attention_mask"][0, 0] == 0).int()
+    assert seen[5].tolist() == [1, 1, 1, 0, 0, 1, 0, 0]  # b's first own token: the prefix and itself, not a
+    assert seen[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert seen[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]  # causal within the prefix
+    # a labelled token inside the common prefix is learned per example, so it is not shared
+    c = ([1, 2, 3], [IGNORE, 2, 3])
+    assert pack([c, c])["input_ids"].tolist() == [[1, 2, 3, 1, 2, 3]]

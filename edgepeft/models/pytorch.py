@@ -38,6 +38,31 @@ def exact_cpu_4bit(model) -> int:
     return n
 
 
+def compute_dtype(name: str, on: torch.device) -> torch.dtype:
+    """The dtype a ``[train] compute_dtype`` setting means on device ``on``: "auto" is bfloat16 where the
+    hardware multiplies it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if on.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if on.type == "cpu" and native else torch.float32
+
+
+def set_compute_dtype(model, dtype: torch.dtype) -> int:
+    """Make the 4-bit linear layers multiply in ``dtype`` (their inputs are cast to it, their outputs back);
+    the number of layers changed."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "compute_dtype") and hasattr(module, "quant_state"):
+            module.compute_dtype = dtype
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None:  # the backward pass dequantizes to this dtype (else to fp32, then casts)
+                state.dtype = dtype
+            n += 1
+    return n
+
+
 def device_map(dev: torch.device) -> dict:
     """A transformers ``device_map`` placing the whole model on ``dev`` (accelerate may say "cpu:0")."""
     return {"": "cpu"} if dev.type == "cpu" else {"": f"{dev.type}:{dev.index or 0}"}

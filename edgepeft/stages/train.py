@@ -5,9 +5,12 @@ The loop is plain and visible (no hidden trainer): it runs under ``accelerate``,
 one CPU, one GPU, or several under ``accelerate launch`` / ``torchrun`` (DDP). Each process loads the
 4-bit base on its own device and takes its slice of every global batch.
 
-Speed on small models: the output head over a 49k vocabulary dominates a short-sequence step, so batches are
-left-padded (every completion ends at the right edge) and the model computes logits only for the last
-positions that carry loss (``logits_to_keep``) instead of the whole sequence.
+Speed (``nox -s bench-train`` measures it against the standard transformers + peft QLoRA recipe): each step's
+examples are packed into one row without padding, the prompt prefix they share (system prompt, chat markup)
+computed once, with a mask that keeps every example to itself (``calib.data.pack``: the same loss as padded
+rows); the output head over a 49k vocabulary is computed only at the positions that predict a labelled token
+(``logits_to_keep``); the 4-bit matmuls run in bfloat16 where the hardware has it (``compute_dtype``, as
+the QLoRA recipe sets it); gradient checkpointing is off unless asked for (short rows hold little activation).
 
 Resuming: the data order and the dropout seed of step ``k`` depend only on (seed, k), so a run resumed from
 a checkpoint takes exactly the steps an uninterrupted run would have. Checkpoints (adapter, optimizer and
@@ -23,11 +26,12 @@ import time
 from pathlib import Path
 
 from edgepeft.adapters import api as adapters
-from edgepeft.calib.data import IGNORE, collate, encode, recipe_splits
+from edgepeft.calib.data import IGNORE, collate, encode, pack, recipe_splits
 from edgepeft.calib.sets import replay_windows
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import resume_checkpoint, write_checkpoint
+from edgepeft.core.memory import trim
 from edgepeft.pipeline.stage import Stage, StageContext, task_files, user_files
 from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
@@ -102,11 +106,23 @@ def _encoded(tokenizer, samples, cfg: TrainConfig) -> list[tuple[list[int], list
     return train
 
 
+def _batch(examples: list[tuple[list[int], list[int]]], pad_id: int, packed: bool, device) -> dict:
+    """A step's examples as model inputs: one packed row (``calib.data.pack``) or left-padded rows."""
+    batch = pack(examples) if packed else collate(examples, pad_id)
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def _loss(model, batch: dict):
-    """Cross-entropy of a left-padded batch, computing logits only for the positions that predict a labelled
-    token (``logits_to_keep``: the output head dominates a short step)."""
+    """Cross-entropy of a batch, computing logits only for the positions that predict a labelled token
+    (``logits_to_keep``: the output head over a large vocabulary dominates a short step). A packed batch keeps
+    exactly those positions; a left-padded one the last positions from the earliest labelled token on."""
     import torch
 
+    if "targets" in batch:
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=batch["attention_mask"].to(dtype), logits_to_keep=batch["keep"]).logits[0]
+        return torch.nn.functional.cross_entropy(logits.float(), batch["targets"][0, batch["keep"]])
     labels = batch.pop("labels")
     n = labels.shape[1]
     has = (labels != IGNORE).any(0).nonzero()
@@ -125,6 +141,21 @@ def _text_loss(model, windows: list[list[int]], device):
     ids = torch.tensor(windows, dtype=torch.long, device=device)
     logits = model(input_ids=ids).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def train_step(accelerator, model, batch: dict, windows: list[list[int]], params, optimizer,
+               scheduler) -> tuple[float, float | None]:
+    """One optimizer step on ``batch`` (and the rehearsed prose ``windows``, if any): the task loss and the
+    prose loss. Memory the step freed is handed back to the system (``core.memory.trim``)."""
+    loss = _loss(model, batch)
+    rloss = _text_loss(model, windows, accelerator.device) if windows else None
+    accelerator.backward(loss if rloss is None else loss + rloss)
+    accelerator.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    trim()
+    return loss.item(), None if rloss is None else rloss.item()
 
 
 def _replay_indices(n: int, batch: int, step: int) -> list[int]:
@@ -180,14 +211,36 @@ def run(ctx: StageContext) -> None:
     ctx.figures.update(tasks=tasks)
 
 
+def trainable_model(qdir: Path, adapter: AdapterConfig, cfg: TrainConfig, device):
+    """The quantize stage's 4-bit base on ``device`` with a new trainable adapter, set up as this stage trains
+    it: (model, the dtype its 4-bit matmuls run in, whether steps are packed)."""
+    from peft import prepare_model_for_kbit_training
+
+    from edgepeft.models.pytorch import compute_dtype, load_4bit, set_compute_dtype
+
+    model = load_4bit(qdir, device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    dtype = compute_dtype(cfg.compute_dtype, device)
+    set_compute_dtype(model, dtype)
+    model = adapters.wrap(model, adapter)
+    return model, dtype, cfg.pack and _packable(model.config, adapter, cfg)
+
+
+def _packable(config, adapter: AdapterConfig, cfg: TrainConfig) -> bool:
+    """Whether packing computes what padded rows do: peft's LoRA and IA3 act on each token alone (edgepeft's
+    own modules may pool over a row or add tokens), and the packed mask has no sliding window, so a model with
+    one packs only when no example can be longer than its window."""
+    window = getattr(config, "sliding_window", None)
+    return adapters.is_peft(adapter) and (not window or window >= cfg.max_length)
+
+
 def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     """Train ``recipe``'s adapter into ``output`` (checkpoints in ``work``); returns its figures."""
     import torch
     from accelerate import Accelerator
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from edgepeft.models.pytorch import load_4bit, peak_memory_bytes
+    from edgepeft.models.pytorch import peak_memory_bytes, set_compute_dtype
 
     cfg: TrainConfig = recipe.train
     adapter: AdapterConfig = recipe.adapter
@@ -206,9 +259,7 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     prose = replay_windows(recipe, tokenizer, cfg.steps * cfg.replay_batch * world, cfg.replay_tokens) \
         if cfg.replay_batch else []
 
-    model = load_4bit(qdir, accelerator.device)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model = adapters.wrap(model, adapter)
+    model, dtype, packed = trainable_model(qdir, adapter, cfg, accelerator.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = ctx.record_of("load")["figures"]["parameters"]  # 4-bit packing hides the true count in the model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -222,7 +273,9 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
         start, losses, replay = _load_checkpoint(saved, model, optimizer, scheduler)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     say(f"  {adapter.method}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}); "
-        f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} at lr {lr:g} on {accelerator.device}"
+        f"{len(train)} training examples, {cfg.steps} steps of {cfg.batch_size} "
+        f"{'packed in one row' if packed else 'padded'} at lr {lr:g}, {str(dtype).split('.')[-1]} matmuls, on "
+        f"{accelerator.device}"
         + (f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
         + (f"; {cfg.replay_batch} windows of {cfg.replay_tokens} prose tokens rehearsed per step ({len(prose)} "
            f"windows of {cfg.replay_text})" if prose else ""))
@@ -236,22 +289,15 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         idx = _batch_indices(len(train), cfg.batch_size * world, step, cfg.seed)[rank::world]
-        batch = collate([train[i] for i in idx], tokenizer.pad_token_id)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        loss = _loss(model, batch)
-        if prose:
-            rloss = _text_loss(model, [prose[i] for i in _replay_indices(len(prose), cfg.replay_batch * world,
-                                                                         step)[rank::world]], accelerator.device)
-            replay.append(round(rloss.item(), 4))
-            accelerator.backward(loss + rloss)
-        else:
-            accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
-        tokens += int(batch["attention_mask"].sum())
+        examples = [train[i] for i in idx]
+        windows = [prose[i] for i in _replay_indices(len(prose), cfg.replay_batch * world, step)[rank::world]] \
+            if prose else []
+        loss, rloss = train_step(accelerator, model, _batch(examples, tokenizer.pad_token_id, packed,
+                                                            accelerator.device), windows, params, optimizer, scheduler)
+        if rloss is not None:
+            replay.append(round(rloss, 4))
+        losses.append(round(loss, 4))
+        tokens += sum(len(ids) for ids, _ in examples)  # the examples' own tokens, however they are laid out
         step_times.append(time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", s_per_step=f"{step_times[-1]:.2f}")
@@ -267,6 +313,7 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
 
     figures = {"method": adapter.method, "trainable_parameters": trainable, "total_parameters": total,
                "processes": world, "global_batch": cfg.batch_size * world, "lr": lr, "steps": cfg.steps,
+               "packed": packed, "compute_dtype": str(dtype).split(".")[-1],
                "resumed_from_step": start, **_loss_figures(losses, step_times, tokens, replay),
                "peak_memory_bytes": peak_memory_bytes()}
     say(f"  loss {figures['loss_first10_mean']:.3f} -> {figures['loss_last10_mean']:.3f} (mean of first/last 10 "
@@ -276,6 +323,7 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
            f"{figures['replay_loss_last10_mean']:.3f}" if replay else ""))
 
     if cfg.eval_examples > 0 and main:
+        set_compute_dtype(model, torch.float32)  # judged as the gate's reference computes it
         figures.update(_validation(model, tokenizer, splits["validation"], cfg, adapter.method))
     if not math.isfinite(losses[-1]):
         raise EdgepeftError("[train] loss became NaN/inf; lower lr")
