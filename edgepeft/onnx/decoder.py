@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft.onnx.rewrite import LOGITS_POSITIONS
 from edgepeft.pipeline.target import PROVIDERS
 
 
@@ -92,6 +93,8 @@ class Decoder:
         self.session = ort_session or session(model_file, threads, providers)
         self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # a graph whose head computes the last position only unless fed the positions (``prune_lm_head``)
+        self.pruned = any(i.name == LOGITS_POSITIONS for i in self.session.get_overridable_initializers())
         # ``adapter``: a runtime adapter file (edgepeft.onnx.switchable) fed with every run, as onnxruntime-genai
         # feeds the active adapter's tensors
         self.extra = {}
@@ -113,14 +116,20 @@ class Decoder:
             feeds[name] = cache[name] if cache else np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
         return dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
 
-    def _run(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int):
-        out = self.run_all(ids, cache, total)
+    def _run(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int, every: bool = False):
+        if every and self.pruned:
+            self.extra[LOGITS_POSITIONS] = np.arange(ids.shape[1], dtype=np.int64)
+        try:
+            out = self.run_all(ids, cache, total)
+        finally:
+            self.extra.pop(LOGITS_POSITIONS, None)
         nxt = {name: out[name.replace("past_key_values.", "present.")] for name in self.past}
         return out["logits"][0], nxt
 
-    def prefill(self, ids: list[int]):
-        """Logits for every position of ``ids`` (shape [len, vocab]) and the KV cache after them."""
-        return self._run(np.asarray([ids], np.int64), None, len(ids))
+    def prefill(self, ids: list[int], last: bool = False):
+        """Logits for every position of ``ids`` (shape [len, vocab]) and the KV cache after them; ``last``:
+        as a generator runs it, the last position's row at least (a pruned head computes only that one)."""
+        return self._run(np.asarray([ids], np.int64), None, len(ids), every=not last)
 
     def step(self, token: int, cache, total: int):
         """Logits for one more token (the cache holds ``total - 1`` tokens) and the grown cache."""
@@ -131,7 +140,7 @@ class Decoder:
 def decode_logits(decoder: Decoder, ids: list[int], prompt: int) -> np.ndarray:
     """Logits of ``ids[prompt:]`` computed the way generation does: a prefill of ``ids[:prompt]``, then one
     cached step per token. Row i predicts the token after ``ids[prompt + i]``."""
-    _, cache = decoder.prefill(ids[:prompt])
+    _, cache = decoder.prefill(ids[:prompt], last=True)
     rows = []
     for i in range(prompt, len(ids)):
         logits, cache = decoder.step(ids[i], cache, i + 1)
@@ -146,7 +155,7 @@ def random_prompt(decoder: Decoder, tokens: int, rng) -> list[int]:
 def timed_generation(decoder: Decoder, prompt: list[int], decode_tokens: int) -> tuple[float, list[float]]:
     """Seconds to prefill ``prompt``, and seconds of each of ``decode_tokens`` greedy cached steps after it."""
     t = time.perf_counter()
-    logits, cache = decoder.prefill(prompt)
+    logits, cache = decoder.prefill(prompt, last=True)
     prefill = time.perf_counter() - t
     token, total, steps = int(logits[-1].argmax()), len(prompt), []
     for _ in range(decode_tokens):

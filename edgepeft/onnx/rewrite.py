@@ -100,3 +100,133 @@ def exact_embed_scale(model, scale: float) -> bool:
         for node in [n for n in g.node if n.op_type == "Constant" and old in n.output]:
             g.node.remove(node)
     return True
+
+
+LOGITS_POSITIONS = "logits_positions"  # the overridable initializer of ``prune_lm_head``
+
+
+def prune_lm_head(model) -> bool:
+    """Make the output head compute logits for the last position only, unless told otherwise.
+
+    A generator needs only the last row of a prefill's logits; the head (hidden x vocabulary) computed for every
+    prompt position is work thrown away, and so is writing [positions, vocabulary] floats. A ``Gather`` on the
+    sequence axis now picks the rows the head sees. Its indices are an initializer (``[-1]``: the last position)
+    that is also a graph input, so ONNX Runtime feeds it only when asked: onnxruntime-genai does not know the
+    input and gets the last row; the quality gate feeds every position and reads every row, of the same graph.
+    Returns False when the graph has no ``logits`` output reached from one MatMul over the hidden states, or is
+    pruned already.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    if any(i.name == LOGITS_POSITIONS for i in g.input):
+        return False
+    producer = {o: n for n in g.node for o in n.output}
+    node = producer.get("logits")
+    # the head's MatMul, possibly followed by element-wise ops over the vocabulary (bias, scale, mask, softcap)
+    while node is not None and node.op_type not in ("MatMul", "MatMulNBits"):
+        node = producer.get(node.input[0])
+    if node is None:
+        return False
+    hidden = node.input[0]
+    picked = f"{hidden}/last_positions"
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), LOGITS_POSITIONS))
+    g.input.append(helper.make_tensor_value_info(LOGITS_POSITIONS, TensorProto.INT64, ["logits_length"]))
+    index = next(i for i, n in enumerate(g.node) if n is node)
+    g.node.insert(index, helper.make_node("Gather", [hidden, LOGITS_POSITIONS], [picked], axis=1,
+                                          name="/lm_head/prune/Gather"))
+    node.input[0] = picked
+    # onnxruntime-genai sizes its logits buffer from this shape: a fixed 1 tells it the graph is pruned (as the
+    # model builder's own ``prune_lm_head`` graphs say it); a run fed every position returns them all regardless
+    out = next(o for o in g.output if o.name == "logits")
+    out.type.tensor_type.shape.dim[1].ClearField("dim_param")
+    out.type.tensor_type.shape.dim[1].dim_value = 1
+    # shapes inferred between the head and the output are stale now
+    stale = {o for n in g.node for o in n.output if _downstream_of(n, node, producer)}
+    keep = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    return True
+
+
+def _downstream_of(n, head, producer) -> bool:
+    """Whether node ``n`` is ``head`` or computed from it (along first inputs: the head's element-wise tail)."""
+    while n is not None:
+        if n is head:
+            return True
+        n = producer.get(n.input[0]) if n.input else None
+    return False
+
+
+def fuse_gate_up(model) -> int:
+    """One ``MatMulNBits`` per MLP for the gate and up projections, its output split in two.
+
+    Both read the same normalized hidden state; stacking their weights along the output axis (codes, scales and
+    zero points are all stored per output row) makes one GEMV/GEMM of twice the width instead of two, and every
+    output element is computed exactly as before (the same blocks, the same activation rounding). The split keeps
+    the old output names, so whatever read them (the activation, runtime adapter slots) reads them unchanged.
+    Returns the number of pairs fused.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    init = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    by_input: dict[str, list] = {}
+    for n in g.node:
+        if n.op_type == "MatMulNBits" and ("gate_proj" in n.name or "up_proj" in n.name):
+            by_input.setdefault(n.input[0], []).append(n)
+    pairs = []
+    for group in by_input.values():
+        gate = [n for n in group if "gate_proj" in n.name]
+        up = [n for n in group if "up_proj" in n.name]
+        if len(gate) == 1 and len(up) == 1 and _fusable(gate[0], up[0], init, outputs):
+            pairs.append((gate[0], up[0]))
+    drop = set()
+    for gate, up in pairs:
+        base = gate.name.replace("gate_proj", "gate_up_proj").rsplit("/", 1)[0]
+        inputs = [gate.input[0]]
+        for k in range(1, len(gate.input)):
+            both = np.concatenate([numpy_helper.to_array(init[gate.input[k]]),
+                                   numpy_helper.to_array(init[up.input[k]])], axis=0)
+            name = f"{base}/stacked_{k}"
+            g.initializer.append(numpy_helper.from_array(both, name))
+            inputs.append(name)
+            drop.update((gate.input[k], up.input[k]))
+        attrs = {a.name: helper.get_attribute_value(a) for a in gate.attribute}
+        n_gate, n_up = attrs["N"], _attr(up, "N")
+        attrs["N"] = n_gate + n_up
+        sizes = f"{base}/split_sizes"
+        g.initializer.append(numpy_helper.from_array(np.array([n_gate, n_up], np.int64), sizes))
+        fused = helper.make_node("MatMulNBits", inputs, [f"{base}/MatMul/output_0"], name=f"{base}/MatMul_Q4",
+                                 domain=gate.domain, **attrs)
+        split = helper.make_node("Split", [fused.output[0], sizes], [gate.output[0], up.output[0]], axis=-1,
+                                 name=f"{base}/Split")
+        index = next(i for i, n in enumerate(g.node) if n is gate)
+        g.node.insert(index, split)
+        g.node.insert(index, fused)
+        g.node.remove(gate)
+        g.node.remove(up)
+    if drop:
+        used = {i for n in g.node for i in n.input}
+        keep = [t for t in g.initializer if t.name not in drop or t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return len(pairs)
+
+
+def _fusable(gate, up, init, graph_outputs) -> bool:
+    """Same input width, block, bits and accuracy; weights (and zero points) as initializers, no bias or g_idx;
+    outputs not graph outputs."""
+    if len(gate.input) != len(up.input) or len(gate.input) not in (3, 4):
+        return False
+    if any(gate.input[k] not in init or up.input[k] not in init for k in range(1, len(gate.input))):
+        return False
+    if {gate.output[0], up.output[0]} & graph_outputs:
+        return False
+    same = ("K", "bits", "block_size", "accuracy_level")
+    return all(_attr_or(gate, a) == _attr_or(up, a) for a in same)
+
+
+def _attr_or(node, name, default=None):
+    return next((a.i for a in node.attribute if a.name == name), default)

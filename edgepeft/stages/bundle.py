@@ -5,6 +5,12 @@ It holds the quantized model in the target's formats (``model.onnx`` and/or ``mo
 and chat template, a ``genai_config.json`` so onnxruntime-genai runs the folder as it is, and
 ``manifest.json`` (see ``edgepeft.bundle.manifest``).
 
+Two rewrites make the shipped graph do less per token for the same logits (``edgepeft.onnx.rewrite``, both on
+by default): ``[bundle] prune_lm_head``, the output head computes the last prompt position only (a generator's
+prefill needs no other row; the quality gate feeds the graph's ``logits_positions`` input to read every row of
+the same graph); ``[bundle] fuse_gate_up``, each MLP's gate and up projections are one ``MatMulNBits`` of twice
+the width, split after (bit for bit the same outputs).
+
 The ORT-format file is converted with every graph optimization except constant folding
 (``edgepeft.onnx.ortformat``: folding would undo the shared embedding). The converted file is loaded back
 as a mobile app loads it (from bytes, no graph optimizer) and must compute the logits of the ONNX graph it
@@ -65,6 +71,7 @@ def run(ctx: StageContext) -> None:
     switch = {}
     if recipe.tasks.names:
         model_src, switch = _switchable(ctx, model_src, out)
+    model_src, rewrites = _shipped_graph(ctx, model_src)
     for f in TOKENIZER_FILES:
         if f == "tokenizer.json" and (src / f).is_file():
             # without the indentation transformers writes: Gemma 3's (262k pieces, 515k merges) 32 MB -> 13.6 MB
@@ -127,7 +134,8 @@ def run(ctx: StageContext) -> None:
     profile = measure(variants, target, recipe.profile)
     manifest["profiles"] = {"profile": write_report(profile, out / "profile", name)}
     lat = headline(profile)
-    figures = {"formats": target.formats, "model_file": model_file, **({"switchable": switch} if switch else {}),
+    figures = {"formats": target.formats, "model_file": model_file, **rewrites,
+               **({"switchable": switch} if switch else {}),
                "model_bytes": (out / model_file).stat().st_size, "ort_convert_seconds": round(convert_seconds, 2),
                **lat, "device": target.device, "profile_warnings": profile["warnings"]}
     upstream = {s: ctx.record_of(s)["figures"] for s in ("quantize", "train", "merge", "export", "requantize",
@@ -150,6 +158,29 @@ def run(ctx: StageContext) -> None:
     if target.max_bundle_mb is not None and total > target.max_bundle_mb * 1e6:
         raise EdgepeftError(f"[bundle] {name} is {mb(total)}, over target {target.name}'s budget of "
                             f"{target.max_bundle_mb:g} MB")
+
+
+def _shipped_graph(ctx: StageContext, model_file):
+    """The graph as shipped, with the ``[bundle]`` rewrites that do less work for the same logits
+    (``edgepeft.onnx.rewrite``: the head computes the last prompt position only; gate and up are one MatMulNBits),
+    in the stage's work folder; the graph itself when none applies. Also what was done."""
+    import onnx
+
+    from edgepeft.onnx.builder import save_graph
+    from edgepeft.onnx.rewrite import fuse_gate_up, prune_lm_head
+
+    cfg = ctx.config
+    if not (cfg.prune_lm_head or cfg.fuse_gate_up):
+        return model_file, {}
+    model = onnx.load(str(model_file))
+    done = {"lm_head_pruned": bool(cfg.prune_lm_head and prune_lm_head(model)),
+            "gate_up_fused": fuse_gate_up(model) if cfg.fuse_gate_up else 0}
+    if not any(done.values()):
+        return model_file, done
+    folder = ctx.work / "shipped"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_graph(model, folder)
+    return folder / "model.onnx", done
 
 
 def _switchable(ctx: StageContext, model_file, out):
