@@ -307,9 +307,6 @@ class BundleConfig:
     # The output head computes the last prompt position only during prefill (the generator reads no other row);
     # the quality gate still reads every position of the same graph by feeding `logits_positions`.
     prune_lm_head: bool = True
-    # Each MLP's gate and up projections as one MatMulNBits of twice the width (the same outputs, bit for bit):
-    # one wider matmul instead of two, ~11% off decode and prefill of SmolLM2-135M on 2 x86 cores.
-    fuse_gate_up: bool = True
 
 
 TABLES = {"model": ModelConfig, "quantize": QuantizeConfig, "adapter": AdapterConfig, "train": TrainConfig,

@@ -5,11 +5,9 @@ It holds the quantized model in the target's formats (``model.onnx`` and/or ``mo
 and chat template, a ``genai_config.json`` so onnxruntime-genai runs the folder as it is, and
 ``manifest.json`` (see ``edgepeft.bundle.manifest``).
 
-Two rewrites make the shipped graph do less per token for the same logits (``edgepeft.onnx.rewrite``, both on
-by default): ``[bundle] prune_lm_head``, the output head computes the last prompt position only (a generator's
-prefill needs no other row; the quality gate feeds the graph's ``logits_positions`` input to read every row of
-the same graph); ``[bundle] fuse_gate_up``, each MLP's gate and up projections are one ``MatMulNBits`` of twice
-the width, split after (bit for bit the same outputs).
+The output head computes the last prompt position only (``[bundle] prune_lm_head``, on by default;
+``edgepeft.onnx.rewrite.prune_lm_head``): a generator's prefill needs no other row, and the quality gate feeds
+the graph's ``logits_positions`` input to read every row of the same graph.
 
 The ORT-format file is converted with every graph optimization except constant folding
 (``edgepeft.onnx.ortformat``: folding would undo the shared embedding). The converted file is loaded back
@@ -161,26 +159,22 @@ def run(ctx: StageContext) -> None:
 
 
 def _shipped_graph(ctx: StageContext, model_file):
-    """The graph as shipped, with the ``[bundle]`` rewrites that do less work for the same logits
-    (``edgepeft.onnx.rewrite``: the head computes the last prompt position only; gate and up are one MatMulNBits),
-    in the stage's work folder; the graph itself when none applies. Also what was done."""
+    """The graph as shipped: with ``[bundle] prune_lm_head`` the head computes the last prompt position only
+    (``edgepeft.onnx.rewrite``), written in the stage's work folder; else the graph itself. Also what was done."""
     import onnx
 
     from edgepeft.onnx.builder import save_graph
-    from edgepeft.onnx.rewrite import fuse_gate_up, prune_lm_head
+    from edgepeft.onnx.rewrite import prune_lm_head
 
-    cfg = ctx.config
-    if not (cfg.prune_lm_head or cfg.fuse_gate_up):
-        return model_file, {}
+    if not ctx.config.prune_lm_head:
+        return model_file, {"lm_head_pruned": False}
     model = onnx.load(str(model_file))
-    done = {"lm_head_pruned": bool(cfg.prune_lm_head and prune_lm_head(model)),
-            "gate_up_fused": fuse_gate_up(model) if cfg.fuse_gate_up else 0}
-    if not any(done.values()):
-        return model_file, done
+    if not prune_lm_head(model):
+        return model_file, {"lm_head_pruned": False}
     folder = ctx.work / "shipped"
     folder.mkdir(parents=True, exist_ok=True)
     save_graph(model, folder)
-    return folder / "model.onnx", done
+    return folder / "model.onnx", {"lm_head_pruned": True}
 
 
 def _switchable(ctx: StageContext, model_file, out):
