@@ -36,6 +36,7 @@ def test_probe_computes_what_decoder_computes(tiny_run, tmp_path):
 
     dec = Decoder(model, threads=1)
     logits, cache = dec.prefill(ids)
+    assert out["prefill"].shape[0] == len(ids)  # every prompt position, from the bundle's pruned head too
     np.testing.assert_array_equal(out["prefill"], logits)
     assert out["fed"].tolist() == forced  # the forced tokens are fed, not the greedy ones
     for i, token in enumerate(forced):

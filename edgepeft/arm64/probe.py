@@ -48,12 +48,17 @@ def run(spec: dict, base: Path) -> dict:
     sess = ort.InferenceSession(str(base / spec["model"]), so, providers=["CPUExecutionProvider"])
     past = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
     outputs = [o.name for o in sess.get_outputs()]
+    # a bundle whose head computes the last position only unless told (edgepeft.onnx.rewrite.prune_lm_head):
+    # fed every position, as the quality gate feeds them
+    pruned = any(i.name == "logits_positions" for i in sess.get_overridable_initializers())
     t1 = time.perf_counter()
 
     cache = {n: np.zeros((1, kv_heads, 0, head_size), np.float32) for n in past}
 
     def forward(ids: list[int], total: int) -> np.ndarray:
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, total), np.int64), **cache}
+        if pruned:
+            feeds["logits_positions"] = np.arange(len(ids), dtype=np.int64)
         out = dict(zip(outputs, sess.run(None, feeds), strict=True))
         cache.update({n: out[n.replace("past_key_values.", "present.")] for n in past})
         return out["logits"][0].astype(np.float32)
