@@ -3,7 +3,7 @@
 Rows: the edgepeft bundle's model file; onnxruntime-genai's model builder int4 CPU export of the same
 merged model (the tool to beat); PyTorch eager fp32. For each: size on disk, decode ms/token (batch 1,
 greedy, after a prompt) and prefill time of the prompt, all at the target's thread count. Variants are
-measured interleaved, round after round, and the median per variant reported, because these shared
+measured interleaved, round after round in a shuffled order, and the median per variant reported, because these shared
 machines drift by ±15% over minutes. Ratios are edgepeft / builder: below 1 is better.
 
 Each row also gets its physical floor (``edgepeft.latency.costmodel``): the weight bytes a decode step reads
@@ -16,6 +16,7 @@ same run; measured / floor says how much of the memory's speed each variant uses
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -115,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     for _, fn in rows.values():
         fn()  # warm-up
     for r in range(args.rounds):
-        for name, (_, fn) in rows.items():
-            results[name].append(fn())
+        order = list(rows)
+        random.Random(r).shuffle(order)  # no variant always runs right after another (caches, clock boost)
+        for name in order:
+            results[name].append(rows[name][1]())
         bandwidth = max(bandwidth, costmodel.read_bandwidth_gbs(threads, passes=3))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
 
