@@ -11,20 +11,20 @@ def _examples(tiny_run, count: int):
     from edgepeft.calib.data import recipe_splits
     from transformers import AutoTokenizer
 
+    from edgepeft.adapters.training import encoded
     from edgepeft.pipeline import recipe as recipes
-    from edgepeft.stages.train import _encoded
 
     recipe = recipes.load(tiny_run["recipe"])
     qdir = tiny_run["out"] / "quantize" / "model"
     tokenizer = AutoTokenizer.from_pretrained(qdir)
-    return recipe, qdir, tokenizer, _encoded(tokenizer, recipe_splits(recipe)["train"], recipe.train)[:count]
+    return recipe, qdir, tokenizer, encoded(tokenizer, recipe_splits(recipe)["train"], recipe.train)[:count]
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_a_packed_step_has_the_loss_and_gradients_of_padded_rows(tiny_run, method):
     import torch
 
-    from edgepeft.stages.train import _batch, _loss, trainable_model
+    from edgepeft.adapters.training import step_inputs, task_loss, trainable_model
 
     recipe, qdir, tokenizer, examples = _examples(tiny_run, 5)
     adapter = dataclasses.replace(recipe.adapter, method=method)
@@ -38,7 +38,7 @@ def test_a_packed_step_has_the_loss_and_gradients_of_padded_rows(tiny_run, metho
     model.eval()  # no dropout: both layouts must see the same function
 
     def loss_and_grads(pack: bool):
-        loss = _loss(model, _batch(examples, tokenizer.pad_token_id, pack, torch.device("cpu")))
+        loss = task_loss(model, step_inputs(examples, tokenizer.pad_token_id, pack, torch.device("cpu")))
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         model.zero_grad(set_to_none=True)
@@ -46,7 +46,7 @@ def test_a_packed_step_has_the_loss_and_gradients_of_padded_rows(tiny_run, metho
 
     padded, g_padded = loss_and_grads(False)
     packed_loss, g_packed = loss_and_grads(True)
-    batch = _batch(examples, tokenizer.pad_token_id, True, torch.device("cpu"))
+    batch = step_inputs(examples, tokenizer.pad_token_id, True, torch.device("cpu"))
     assert batch["tokens"] < sum(len(ids) for ids, _ in examples)  # the shared prompt prefix was computed once
     assert packed_loss == pytest.approx(padded, rel=1e-5)
     assert float((g_packed - g_padded).norm() / g_padded.norm()) < 1e-4
@@ -55,16 +55,16 @@ def test_a_packed_step_has_the_loss_and_gradients_of_padded_rows(tiny_run, metho
 def test_packing_is_off_where_it_would_change_the_function(tiny_run):
     from types import SimpleNamespace
 
-    from edgepeft.stages.train import _packable
+    from edgepeft.adapters.training import packable
 
     recipe = _examples(tiny_run, 1)[0]
     lora, cfg = recipe.adapter, recipe.train
-    assert _packable(SimpleNamespace(), lora, cfg)
+    assert packable(SimpleNamespace(), lora, cfg)
     # a sliding window shorter than an example: the packed mask would let tokens see past it
-    assert not _packable(SimpleNamespace(sliding_window=8), lora, cfg)
-    assert _packable(SimpleNamespace(sliding_window=cfg.max_length), lora, cfg)
+    assert not packable(SimpleNamespace(sliding_window=8), lora, cfg)
+    assert packable(SimpleNamespace(sliding_window=cfg.max_length), lora, cfg)
     # edgepeft's own adapters (a prefix adds positions to every row)
-    assert not _packable(SimpleNamespace(), dataclasses.replace(lora, method="prefix"), cfg)
+    assert not packable(SimpleNamespace(), dataclasses.replace(lora, method="prefix"), cfg)
 
 
 def test_bench_train_runs_both_recipes_on_the_same_batches(tiny_run):

@@ -4,7 +4,7 @@ The reference is what every QLoRA tutorial does, as a new user would run it: tra
 ``BitsAndBytesConfig`` (NF4, double quantization), ``peft.prepare_model_for_kbit_training``, a peft
 ``LoraConfig`` (or ``IA3Config``), and ``transformers.Trainer`` with AdamW and a linear schedule, right-padded
 batches (``DataCollatorForSeq2Seq``) and the model's own loss over full logits. edgepeft's row runs the train
-stage's own model set-up and step (``edgepeft.stages.train``).
+stage's own model set-up and step (``edgepeft.adapters.training``).
 
 Both get the same examples in the same batches (the recipe's data, order and batch size), the same adapter
 (method, rank, targets), learning rate, warm-up and compute dtype, each with and without gradient
@@ -45,22 +45,22 @@ def _rss_bytes() -> int:
 
 def _examples(recipe, tokenizer, steps: int) -> list[list[tuple[list[int], list[int]]]]:
     """The examples of each of ``steps`` global batches, in the train stage's order."""
+    from edgepeft.adapters.training import batch_indices, encoded
     from edgepeft.calib.data import recipe_splits
-    from edgepeft.stages.train import _batch_indices, _encoded
 
     cfg = recipe.train
-    train = _encoded(tokenizer, recipe_splits(recipe)["train"], cfg)
-    return [[train[i] for i in _batch_indices(len(train), cfg.batch_size, k, cfg.seed)] for k in range(steps)]
+    train = encoded(tokenizer, recipe_splits(recipe)["train"], cfg)
+    return [[train[i] for i in batch_indices(len(train), cfg.batch_size, k, cfg.seed)] for k in range(steps)]
 
 
 def _edgepeft(recipe, qdir: Path, batches, checkpointing: bool, dtype_name: str) -> dict:
-    """The train stage's own set-up and step (``edgepeft.stages.train``) on the same batches."""
+    """The train stage's own set-up and step (``edgepeft.adapters.training``) on the same batches."""
     import dataclasses
 
     import torch
     from accelerate import Accelerator
 
-    from edgepeft.stages.train import DEFAULT_LR, _batch, _lr_lambda, train_step, trainable_model
+    from edgepeft.adapters.training import DEFAULT_LR, lr_lambda, step_inputs, train_step, trainable_model
 
     cfg = dataclasses.replace(recipe.train, gradient_checkpointing=checkpointing, compute_dtype=dtype_name)
     accelerator = Accelerator(cpu=True)
@@ -70,7 +70,7 @@ def _edgepeft(recipe, qdir: Path, batches, checkpointing: bool, dtype_name: str)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr or DEFAULT_LR[recipe.adapter.method], weight_decay=cfg.weight_decay)
     # the Trainer's linear schedule ends at its max_steps: the same horizon here, so the losses compare
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, len(batches)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, len(batches)))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     model.train()
@@ -78,7 +78,7 @@ def _edgepeft(recipe, qdir: Path, batches, checkpointing: bool, dtype_name: str)
     for k, examples in enumerate(batches):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + k)
-        loss, _ = train_step(accelerator, model, _batch(examples, pad, packed, accelerator.device), [], params,
+        loss, _ = train_step(accelerator, model, step_inputs(examples, pad, packed, accelerator.device), [], params,
                              optimizer, scheduler)
         losses.append(loss)
         times.append(time.perf_counter() - t0)
@@ -102,7 +102,7 @@ def _hf(recipe, qdir: Path, source: Path, batches, checkpointing: bool, dtype_na
     )
 
     from edgepeft.adapters.api import peft_config
-    from edgepeft.stages.train import DEFAULT_LR
+    from edgepeft.adapters.training import DEFAULT_LR
 
     cfg = recipe.train
     tokenizer = AutoTokenizer.from_pretrained(qdir)

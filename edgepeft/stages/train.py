@@ -10,7 +10,10 @@ examples are packed into one row without padding, the prompt prefix they share (
 computed once, with a mask that keeps every example to itself (``calib.data.pack``: the same loss as padded
 rows); the output head over a 49k vocabulary is computed only at the positions that predict a labelled token
 (``logits_to_keep``); the 4-bit matmuls run in bfloat16 where the hardware has it (``compute_dtype``, as
-the QLoRA recipe sets it); gradient checkpointing is off unless asked for (short rows hold little activation).
+the QLoRA recipe sets it); gradient checkpointing is off unless asked for (``[train] gradient_checkpointing``:
+on the phone task ~0.66x the peak memory for ~1.3x the step time). The model set-up, batches, losses and
+the optimizer step are components (``edgepeft.adapters.training``) that the benchmark runs too; this module
+owns the loop: data order, rehearsal, checkpoints, resuming, figures.
 
 Resuming: the data order and the dropout seed of step ``k`` depend only on (seed, k), so a run resumed from
 a checkpoint takes exactly the steps an uninterrupted run would have. Checkpoints (adapter, optimizer and
@@ -20,18 +23,17 @@ scheduler state) live in ``<run>/.train.work`` until the stage succeeds.
 from __future__ import annotations
 
 import math
-import random
 import statistics
 import time
 from pathlib import Path
 
 from edgepeft.adapters import api as adapters
-from edgepeft.calib.data import IGNORE, collate, encode, pack, recipe_splits
+from edgepeft.adapters import training
+from edgepeft.calib.data import recipe_splits
 from edgepeft.calib.sets import replay_windows
 from edgepeft.core.console import mb, progress
 from edgepeft.core.errors import EdgepeftError
 from edgepeft.core.files import resume_checkpoint, write_checkpoint
-from edgepeft.core.memory import trim
 from edgepeft.pipeline.stage import Stage, StageContext, task_files, user_files
 from edgepeft.pipeline.tables import AdapterConfig, TrainConfig
 
@@ -57,26 +59,6 @@ def preflight(recipe) -> None:
         user_files(recipe, "train", "replay_text")  # a missing file fails here, before the model loads
 
 
-DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "adapter": 1e-3, "prefix": 1e-3, "prompt": 3e-2, "unipelt": 1e-3}
-
-
-def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """The example indices of global batch ``step``: epoch-wise shuffles that depend on (seed, epoch) only."""
-    per_epoch = max(1, n // batch)
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * batch:(k + 1) * batch]
-
-
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
-
-
 ADAPTER_WEIGHTS = "adapter.safetensors"  # a checkpoint's adapter tensors (edgepeft.adapters.api.state)
 
 
@@ -93,69 +75,6 @@ def _load_checkpoint(saved: tuple[dict, dict, dict], model, optimizer,
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return meta["step"], meta["losses"], meta.get("replay_losses", [])
-
-
-def _encoded(tokenizer, samples, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
-    """The training samples as (ids, labels), keeping those with a token to learn from."""
-    train = [encode(tokenizer, s, cfg.max_length) for s in samples]
-    train = [(ids, lab) for ids, lab in train if any(t != IGNORE for t in lab[1:])]
-    if not train:
-        raise EdgepeftError(f"[train] {cfg.data}: no example has tokens to learn from after tokenization")
-    if len(train) < cfg.batch_size:
-        raise EdgepeftError(f"[train] {cfg.data}: {len(train)} examples, fewer than batch_size {cfg.batch_size}")
-    return train
-
-
-def _batch(examples: list[tuple[list[int], list[int]]], pad_id: int, packed: bool, device) -> dict:
-    """A step's examples as model inputs: one packed row (``calib.data.pack``) or left-padded rows."""
-    batch = pack(examples) if packed else collate(examples, pad_id)
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-
-
-def _loss(model, batch: dict):
-    """Cross-entropy of a batch, computing logits only for the positions that predict a labelled token
-    (``logits_to_keep``: the output head over a large vocabulary dominates a short step). A packed batch keeps
-    exactly those positions; a left-padded one the last positions from the earliest labelled token on."""
-    import torch
-
-    if "targets" in batch:
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=batch["attention_mask"].to(dtype), logits_to_keep=batch["keep"]).logits[0]
-        return torch.nn.functional.cross_entropy(logits.float(), batch["targets"][0, batch["keep"]])
-    labels = batch.pop("labels")
-    n = labels.shape[1]
-    has = (labels != IGNORE).any(0).nonzero()
-    keep = n - int(has[0]) + 1 if len(has) else 2  # positions whose logits predict a labelled token
-    keep = min(keep, n)
-    logits = model(**batch, logits_to_keep=keep).logits[:, :-1].float()
-    target = labels[:, n - keep + 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=IGNORE)
-
-
-def _text_loss(model, windows: list[list[int]], device):
-    """Next-token cross-entropy over every position of equal-length prose windows (rehearsal)."""
-    import torch
-
-    ids = torch.tensor(windows, dtype=torch.long, device=device)
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def train_step(accelerator, model, batch: dict, windows: list[list[int]], params, optimizer,
-               scheduler) -> tuple[float, float | None]:
-    """One optimizer step on ``batch`` (and the rehearsed prose ``windows``, if any): the task loss and the
-    prose loss. Memory the step freed is handed back to the system (``core.memory.trim``)."""
-    loss = _loss(model, batch)
-    rloss = _text_loss(model, windows, accelerator.device) if windows else None
-    accelerator.backward(loss if rloss is None else loss + rloss)
-    accelerator.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    trim()
-    return loss.item(), None if rloss is None else rloss.item()
 
 
 def _replay_indices(n: int, batch: int, step: int) -> list[int]:
@@ -211,29 +130,6 @@ def run(ctx: StageContext) -> None:
     ctx.figures.update(tasks=tasks)
 
 
-def trainable_model(qdir: Path, adapter: AdapterConfig, cfg: TrainConfig, device):
-    """The quantize stage's 4-bit base on ``device`` with a new trainable adapter, set up as this stage trains
-    it: (model, the dtype its 4-bit matmuls run in, whether steps are packed)."""
-    from peft import prepare_model_for_kbit_training
-
-    from edgepeft.models.pytorch import compute_dtype, load_4bit, set_compute_dtype
-
-    model = load_4bit(qdir, device)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    dtype = compute_dtype(cfg.compute_dtype, device)
-    set_compute_dtype(model, dtype)
-    model = adapters.wrap(model, adapter)
-    return model, dtype, cfg.pack and _packable(model.config, adapter, cfg)
-
-
-def _packable(config, adapter: AdapterConfig, cfg: TrainConfig) -> bool:
-    """Whether packing computes what padded rows do: peft's LoRA and IA3 act on each token alone (edgepeft's
-    own modules may pool over a row or add tokens), and the packed mask has no sliding window, so a model with
-    one packs only when no example can be longer than its window."""
-    window = getattr(config, "sliding_window", None)
-    return adapters.is_peft(adapter) and (not window or window >= cfg.max_length)
-
-
 def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     """Train ``recipe``'s adapter into ``output`` (checkpoints in ``work``); returns its figures."""
     import torch
@@ -254,18 +150,18 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     qdir = ctx.artifact("quantize")
     tokenizer = AutoTokenizer.from_pretrained(qdir)
     splits = recipe_splits(recipe)
-    train = _encoded(tokenizer, splits["train"], cfg)
+    train = training.encoded(tokenizer, splits["train"], cfg)
     world = accelerator.num_processes
     prose = replay_windows(recipe, tokenizer, cfg.steps * cfg.replay_batch * world, cfg.replay_tokens) \
         if cfg.replay_batch else []
 
-    model, dtype, packed = trainable_model(qdir, adapter, cfg, accelerator.device)
+    model, dtype, packed = training.trainable_model(qdir, adapter, cfg, accelerator.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = ctx.record_of("load")["figures"]["parameters"]  # 4-bit packing hides the true count in the model
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr or DEFAULT_LR[adapter.method]
+    lr = cfg.lr or training.DEFAULT_LR[adapter.method]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(cfg.warmup_steps, cfg.steps))
 
     start, losses, replay = 0, [], []
     saved = resume_checkpoint(work, fp, ctx.options.get("resume"), ADAPTER_WEIGHTS, cfg.steps, say)
@@ -288,12 +184,12 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        idx = _batch_indices(len(train), cfg.batch_size * world, step, cfg.seed)[rank::world]
+        idx = training.batch_indices(len(train), cfg.batch_size * world, step, cfg.seed)[rank::world]
         examples = [train[i] for i in idx]
         windows = [prose[i] for i in _replay_indices(len(prose), cfg.replay_batch * world, step)[rank::world]] \
             if prose else []
-        loss, rloss = train_step(accelerator, model, _batch(examples, tokenizer.pad_token_id, packed,
-                                                            accelerator.device), windows, params, optimizer, scheduler)
+        inputs = training.step_inputs(examples, tokenizer.pad_token_id, packed, accelerator.device)
+        loss, rloss = training.train_step(accelerator, model, inputs, windows, params, optimizer, scheduler)
         if rloss is not None:
             replay.append(round(rloss, 4))
         losses.append(round(loss, 4))
