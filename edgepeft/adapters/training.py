@@ -34,6 +34,18 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def optimizer_for(model, adapter: AdapterConfig, cfg: TrainConfig, total_steps: int):
+    """The trainable parameters, the learning rate, AdamW over them and its warm-up then linear decay over
+    ``total_steps``: (params, lr, optimizer, scheduler)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr or DEFAULT_LR[adapter.method]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+    return params, lr, optimizer, scheduler
+
+
 def encoded(tokenizer, samples, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
     """The training samples as (ids, labels), keeping those with a token to learn from."""
     train = [encode(tokenizer, s, cfg.max_length) for s in samples]

@@ -34,7 +34,6 @@ VARIANTS = {  # name -> (recipe, gradient checkpointing)
     "edgepeft, checkpointing": ("edgepeft", True),
     "edgepeft": ("edgepeft", False),
 }
-REFERENCE = "HF QLoRA, checkpointing"  # what prepare_model_for_kbit_training sets by default
 
 
 def _rss_bytes() -> int:
@@ -53,37 +52,33 @@ def _examples(recipe, tokenizer, steps: int) -> list[list[tuple[list[int], list[
     return [[train[i] for i in batch_indices(len(train), cfg.batch_size, k, cfg.seed)] for k in range(steps)]
 
 
-def _edgepeft(recipe, qdir: Path, batches, checkpointing: bool, dtype_name: str) -> dict:
+def _edgepeft(recipe, qdir: Path, batches, pad_id: int, checkpointing: bool, dtype_name: str) -> dict:
     """The train stage's own set-up and step (``edgepeft.adapters.training``) on the same batches."""
     import dataclasses
 
     import torch
     from accelerate import Accelerator
 
-    from edgepeft.adapters.training import DEFAULT_LR, lr_lambda, step_inputs, train_step, trainable_model
+    from edgepeft.adapters.training import optimizer_for, step_inputs, train_step, trainable_model
 
     cfg = dataclasses.replace(recipe.train, gradient_checkpointing=checkpointing, compute_dtype=dtype_name)
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(cfg.seed)
-    model, dtype, packed = trainable_model(qdir, recipe.adapter, cfg, accelerator.device)
+    model, _, packed = trainable_model(qdir, recipe.adapter, cfg, accelerator.device)
     loaded = _rss_bytes()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr or DEFAULT_LR[recipe.adapter.method], weight_decay=cfg.weight_decay)
     # the Trainer's linear schedule ends at its max_steps: the same horizon here, so the losses compare
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, len(batches)))
+    params, _, optimizer, scheduler = optimizer_for(model, recipe.adapter, cfg, len(batches))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     model.train()
     times, losses = [], []
     for k, examples in enumerate(batches):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + k)
-        loss, _ = train_step(accelerator, model, step_inputs(examples, pad, packed, accelerator.device), [], params,
-                             optimizer, scheduler)
+        loss, _ = train_step(accelerator, model, step_inputs(examples, pad_id, packed, accelerator.device), [],
+                             params, optimizer, scheduler)
         losses.append(loss)
         times.append(time.perf_counter() - t0)
-    return {"times": times, "losses": losses, "loaded_rss": loaded, "packed": packed,
-            "compute_dtype": str(dtype).split(".")[-1]}
+    return {"times": times, "losses": losses, "loaded_rss": loaded}
 
 
 def _hf(recipe, qdir: Path, source: Path, batches, checkpointing: bool, dtype_name: str) -> dict:
@@ -145,7 +140,7 @@ def _hf(recipe, qdir: Path, source: Path, batches, checkpointing: bool, dtype_na
     trainer = InOrder(model=model, args=args, train_dataset=rows, callbacks=[Clock()],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.train()
-    return {"times": times, "losses": losses, "loaded_rss": loaded, "packed": False, "compute_dtype": dtype_name}
+    return {"times": times, "losses": losses, "loaded_rss": loaded}
 
 
 def _worker(args) -> int:
@@ -159,12 +154,13 @@ def _worker(args) -> int:
     recipe = recipes.load(args.recipe)
     run = RunDir(args.out) if args.out else RunDir.default(recipe.name)
     qdir, source = run.artifact("quantize"), run.artifact("load")
-    batches = _examples(recipe, AutoTokenizer.from_pretrained(qdir), args.steps)
+    tokenizer = AutoTokenizer.from_pretrained(qdir)
+    batches = _examples(recipe, tokenizer, args.steps)
     kind, checkpointing = VARIANTS[args.worker]
     if kind == "hf":
         out = _hf(recipe, qdir, source, batches, checkpointing, args.dtype)
     else:
-        out = _edgepeft(recipe, qdir, batches, checkpointing, args.dtype)
+        out = _edgepeft(recipe, qdir, batches, tokenizer.pad_token_id, checkpointing, args.dtype)
     out.update(peak_rss=_rss_bytes(), tokens=[sum(len(ids) for ids, _ in b) for b in batches])
     print("RESULT " + json.dumps(out))
     return 0
@@ -223,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         per_token = [tok / t for x in runs for tok, t in zip(x["tokens"][1:], x["times"][1:], strict=False)]
         return {"s_per_step": statistics.median(steps), "tokens_per_s": statistics.median(per_token),
                 "peak_rss": max(x["peak_rss"] for x in runs), "loaded_rss": max(x["loaded_rss"] for x in runs),
-                "loss_last": statistics.fmean(runs[0]["losses"][-4:]), "packed": runs[0]["packed"]}
+                "loss_last": statistics.fmean(runs[0]["losses"][-4:])}
 
     figs = {n: fig(n) for n in names}
     adapter = recipe.adapter

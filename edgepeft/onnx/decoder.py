@@ -109,20 +109,19 @@ class Decoder:
 
                 raise EdgepeftError(f"{adapter}: tensor {unknown[0]!r} is not an input of {Path(model_file).name}")
 
-    def run_all(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int) -> dict[str, np.ndarray]:
-        """Every output of the graph by name, for ``ids`` after ``cache`` (None: an empty cache)."""
+    def run_all(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int,
+                every: bool = False) -> dict[str, np.ndarray]:
+        """Every output of the graph by name, for ``ids`` after ``cache`` (None: an empty cache); ``every``: the
+        logits of every position of ``ids``, also from a pruned head."""
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **self.extra}
+        if every and self.pruned:
+            feeds[LOGITS_POSITIONS] = np.arange(ids.shape[1], dtype=np.int64)
         for name in self.past:
             feeds[name] = cache[name] if cache else np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
         return dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
 
     def _run(self, ids: np.ndarray, cache: dict[str, np.ndarray] | None, total: int, every: bool = False):
-        if every and self.pruned:
-            self.extra[LOGITS_POSITIONS] = np.arange(ids.shape[1], dtype=np.int64)
-        try:
-            out = self.run_all(ids, cache, total)
-        finally:
-            self.extra.pop(LOGITS_POSITIONS, None)
+        out = self.run_all(ids, cache, total, every)
         nxt = {name: out[name.replace("past_key_values.", "present.")] for name in self.past}
         return out["logits"][0], nxt
 

@@ -158,10 +158,7 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     model, dtype, packed = training.trainable_model(qdir, adapter, cfg, accelerator.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = ctx.record_of("load")["figures"]["parameters"]  # 4-bit packing hides the true count in the model
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr or training.DEFAULT_LR[adapter.method]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(cfg.warmup_steps, cfg.steps))
+    params, lr, optimizer, scheduler = training.optimizer_for(model, adapter, cfg, cfg.steps)
 
     start, losses, replay = 0, [], []
     saved = resume_checkpoint(work, fp, ctx.options.get("resume"), ADAPTER_WEIGHTS, cfg.steps, say)
