@@ -199,7 +199,7 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
 
 
-def pack(batch: list[tuple[list[int], list[int]]]):
+def pack(batch: list[tuple[list[int], list[int]]], multiple: int = 1, pad_id: int = 0):
     """The batch as one row without padding, its examples' common prompt prefix computed once.
 
     The row holds the prefix the examples share (the system prompt and chat markup, up to the first labelled
@@ -208,7 +208,13 @@ def pack(batch: list[tuple[list[int], list[int]]]):
     restart after the prefix for each example, so every token sees exactly what it would see in its own padded
     row: the same loss, for the tokens actually present. ``targets`` holds at each position the token it
     predicts (IGNORE where none is learned, and at each example's last token); ``keep`` the positions whose
-    logits are needed.
+    logits are needed; ``segments`` the layout itself, (prefix length, [(start, end) of each example]), for
+    attention that computes only what the mask allows (``edgepeft.models.packed``); ``tokens`` the row's own
+    tokens.
+
+    ``multiple`` > 1 rounds the row's length up with ``pad_id`` tokens, a segment of their own that predicts
+    nothing: steps then repeat a few shapes instead of a new one each, and the CPU matmul libraries (oneDNN,
+    ideep) reuse their compiled kernels instead of caching new ones step after step.
     """
     import torch
 
@@ -221,11 +227,21 @@ def pack(batch: list[tuple[list[int], list[int]]]):
     positions = list(range(shared))
     targets = [IGNORE] * shared
     owner = [-1] * shared
+    spans = []
     for i, (seq, lab) in enumerate(batch):
+        spans.append((len(ids), len(ids) + len(seq) - shared))
         ids += seq[shared:]
         positions += range(shared, len(seq))
         targets += list(lab[shared + 1:]) + [IGNORE]
         owner += [i] * (len(seq) - shared)
+    tokens = len(ids)
+    extra = -tokens % multiple
+    if extra:
+        spans.append((tokens, tokens + extra))
+        ids += [pad_id] * extra
+        positions += range(shared, shared + extra)
+        targets += [IGNORE] * extra
+        owner += [len(batch)] * extra
     n = len(ids)
     who = torch.tensor(owner)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
@@ -234,4 +250,4 @@ def pack(batch: list[tuple[list[int], list[int]]]):
     t = torch.tensor(targets)
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
             "attention_mask": mask[None, None], "targets": t[None], "keep": (t != IGNORE).nonzero()[:, 0],
-            "tokens": n}
+            "tokens": tokens, "segments": (shared, spans)}

@@ -96,3 +96,19 @@ def test_pack_computes_the_shared_prefix_once_and_keeps_examples_apart():
     # a labelled token inside the common prefix is learned per example, so it is not shared
     c = ([1, 2, 3], [IGNORE, 2, 3])
     assert pack([c, c])["input_ids"].tolist() == [[1, 2, 3, 1, 2, 3]]
+    assert p["segments"] == (3, [(3, 5), (5, 8)]) and p["tokens"] == 8
+
+
+def test_a_rounded_pack_pads_with_a_segment_that_predicts_nothing():
+    from edgepeft.calib.data import pack
+
+    a = ([1, 2, 3, 10, 11], [IGNORE, IGNORE, IGNORE, IGNORE, 11])
+    b = ([1, 2, 3, 20, 21, 22], [IGNORE, IGNORE, IGNORE, IGNORE, 21, 22])
+    plain, p = pack([a, b]), pack([a, b], multiple=6, pad_id=0)
+    assert p["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20, 21, 22, 0, 0, 0, 0]]  # 8 tokens -> 12
+    assert p["tokens"] == 8 and p["segments"] == (3, [(3, 5), (5, 8), (8, 12)])
+    assert p["targets"][0, 8:].tolist() == [IGNORE] * 4 and p["keep"].tolist() == plain["keep"].tolist()
+    seen = (p["attention_mask"][0, 0] == 0).int()
+    assert seen[:8, :8].tolist() == (plain["attention_mask"][0, 0] == 0).int().tolist()
+    assert seen[:8, 8:].sum() == 0  # no real token sees the padding
+    assert seen[9].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0]
