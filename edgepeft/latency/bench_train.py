@@ -64,7 +64,8 @@ def _edgepeft(recipe, qdir: Path, batches, pad_id: int, checkpointing: bool, dty
     cfg = dataclasses.replace(recipe.train, gradient_checkpointing=checkpointing, compute_dtype=dtype_name)
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(cfg.seed)
-    model, _, packed = trainable_model(qdir, recipe.adapter, cfg, accelerator.device)
+    setup = trainable_model(qdir, recipe.adapter, cfg, accelerator.device)
+    model, packed = setup.model, setup.packed
     loaded = _rss_bytes()
     # the Trainer's linear schedule ends at its max_steps: the same horizon here, so the losses compare
     params, _, optimizer, scheduler = optimizer_for(model, recipe.adapter, cfg, len(batches))
@@ -75,7 +76,7 @@ def _edgepeft(recipe, qdir: Path, batches, pad_id: int, checkpointing: bool, dty
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + k)
         loss, _ = train_step(accelerator, model, step_inputs(examples, pad_id, packed, accelerator.device), [],
-                             params, optimizer, scheduler)
+                             params, optimizer, scheduler, setup.mixed)
         losses.append(loss)
         times.append(time.perf_counter() - t0)
     return {"times": times, "losses": losses, "loaded_rss": loaded}

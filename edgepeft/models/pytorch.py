@@ -80,6 +80,52 @@ def load_4bit(path: Path, on: torch.device | None = None):
     return model
 
 
+def hold_frozen(model, dtype: torch.dtype) -> dict:
+    """Hold the model's weights in memory of its own, the frozen floating ones (embedding, tied head, norms,
+    biases) in ``dtype``; the weights whose dtype changed, by name (the parameters stay the same objects when
+    an adapter wraps the model, which renames them).
+
+    A loaded model's weights are views of the safetensors file, mapped: every page read stays resident while
+    any weight still maps it, so a float32 embedding read once to make its bfloat16 copy would stay in memory
+    beside the copy. Copying every weight out lets the mapping go. Trainable weights keep their dtype.
+    """
+    changed, seen = {}, set()
+
+    def own(t):
+        return None if t is None else t.clone()
+
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        state = getattr(p, "quant_state", None)
+        if state is not None:  # bitsandbytes 4-bit: the packed weight and its scales
+            p.data = p.data.clone()
+            state.absmax, state.code, state.offset = own(state.absmax), own(state.code), own(state.offset)
+            if state.state2 is not None:
+                state.state2.absmax, state.state2.code = own(state.state2.absmax), own(state.state2.code)
+        elif p.is_floating_point() and not p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype, copy=True)
+            changed[name] = p
+        else:
+            p.data = p.data.clone()
+    for module in model.modules():
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = b.clone()
+    return changed
+
+
+def restore_frozen(qdir: Path, changed: dict) -> None:
+    """Put back the quantize stage's own values (read from ``qdir``) of the weights ``hold_frozen`` changed, so
+    that the model computes as the quality gate's reference does."""
+    fresh = dict(load_4bit(qdir, torch.device("cpu")).named_parameters(remove_duplicate=False))
+    for name, p in changed.items():
+        if name not in fresh:
+            raise RuntimeError(f"restore_frozen: {name} is not in {qdir}")
+        p.data = fresh[name].data.to(p.device)
+
+
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

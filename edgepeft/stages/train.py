@@ -7,13 +7,16 @@ one CPU, one GPU, or several under ``accelerate launch`` / ``torchrun`` (DDP). E
 
 Speed (``nox -s bench-train`` measures it against the standard transformers + peft QLoRA recipe): each step's
 examples are packed into one row without padding, the prompt prefix they share (system prompt, chat markup)
-computed once, with a mask that keeps every example to itself (``calib.data.pack``: the same loss as padded
-rows); the output head over a 49k vocabulary is computed only at the positions that predict a labelled token
-(``logits_to_keep``); the 4-bit matmuls run in bfloat16 where the hardware has it (``compute_dtype``, as
-the QLoRA recipe sets it); gradient checkpointing is off unless asked for (``[train] gradient_checkpointing``:
-on the phone task ~0.66x the peak memory for ~1.3x the step time). The model set-up, batches, losses and
-the optimizer step are components (``edgepeft.adapters.training``) that the benchmark runs too; this module
-owns the loop: data order, rehearsal, checkpoints, resuming, figures.
+computed once (``calib.data.pack``: the same loss as padded rows), and attention runs example by example over
+that layout instead of over a masked row (``edgepeft.models.packed``); the output head over a 49k vocabulary is
+applied only at the positions that predict a labelled token, a chunk at a time, so the full logits are never
+held (``training.head_loss``); where the hardware has bfloat16 (``compute_dtype``, as the QLoRA recipe sets it)
+the step runs under PyTorch's bf16 autocast, the frozen token table and norms held in bf16, the
+adapter and its optimizer state in float32; gradient checkpointing is off unless asked for
+(``[train] gradient_checkpointing``). The model set-up, batches, losses and the optimizer step are components
+(``edgepeft.adapters.training``) that the benchmark runs too; this module owns the loop: data order,
+rehearsal, checkpoints, resuming, figures. Validation runs the model as the quality gate's reference computes
+it (float32, ``training.restore``).
 
 Resuming: the data order and the dropout seed of step ``k`` depend only on (seed, k), so a run resumed from
 a checkpoint takes exactly the steps an uninterrupted run would have. Checkpoints (adapter, optimizer and
@@ -136,7 +139,7 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
-    from edgepeft.models.pytorch import peak_memory_bytes, set_compute_dtype
+    from edgepeft.models.pytorch import peak_memory_bytes
 
     cfg: TrainConfig = recipe.train
     adapter: AdapterConfig = recipe.adapter
@@ -155,7 +158,8 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
     prose = replay_windows(recipe, tokenizer, cfg.steps * cfg.replay_batch * world, cfg.replay_tokens) \
         if cfg.replay_batch else []
 
-    model, dtype, packed = training.trainable_model(qdir, adapter, cfg, accelerator.device)
+    setup = training.trainable_model(qdir, adapter, cfg, accelerator.device)
+    model, dtype, packed = setup.model, setup.dtype, setup.packed
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = ctx.record_of("load")["figures"]["parameters"]  # 4-bit packing hides the true count in the model
     params, lr, optimizer, scheduler = training.optimizer_for(model, adapter, cfg, cfg.steps)
@@ -186,7 +190,8 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
         windows = [prose[i] for i in _replay_indices(len(prose), cfg.replay_batch * world, step)[rank::world]] \
             if prose else []
         inputs = training.step_inputs(examples, tokenizer.pad_token_id, packed, accelerator.device)
-        loss, rloss = training.train_step(accelerator, model, inputs, windows, params, optimizer, scheduler)
+        loss, rloss = training.train_step(accelerator, model, inputs, windows, params, optimizer, scheduler,
+                                          setup.mixed)
         if rloss is not None:
             replay.append(round(rloss, 4))
         losses.append(round(loss, 4))
@@ -216,7 +221,7 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
            f"{figures['replay_loss_last10_mean']:.3f}" if replay else ""))
 
     if cfg.eval_examples > 0 and main:
-        set_compute_dtype(model, torch.float32)  # judged as the gate's reference computes it
+        training.restore(setup, qdir, model)  # judged as the gate's reference computes it
         figures.update(_validation(model, tokenizer, splits["validation"], cfg, adapter.method))
     if not math.isfinite(losses[-1]):
         raise EdgepeftError("[train] loss became NaN/inf; lower lr")
