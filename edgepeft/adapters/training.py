@@ -5,6 +5,7 @@ The stage (``edgepeft.stages.train``) owns the loop around them: data order, che
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ class _HeadLoss:
     CHUNK = 64
 
     @staticmethod
+    @functools.cache
     def function():
         import torch
 
