@@ -71,51 +71,42 @@ def step_inputs(examples: list[tuple[list[int], list[int]]], pad_id: int, packed
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in rows.items()}
 
 
-class _HeadLoss:
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, a chunk of rows at a time.
+HEAD_CHUNK = 64  # rows of the output head's logits computed at a time (``head_loss``)
 
-    The full logits (rows x a 49k vocabulary, in float32) were the largest tensors of a step and its memory
-    peak (softmax backward). Here each chunk's logits live only while its loss and its gradient are taken; the
-    gradient with respect to ``hidden`` is computed in the forward pass (the loss is a scalar, so backward
-    only scales it), which also spares recomputing the logits. ``weight`` is frozen: it gets no gradient.
-    """
 
-    CHUNK = 64
+@functools.cache
+def _head_loss_function():
+    """The autograd function behind ``head_loss`` (built on first use: this module imports torch lazily)."""
+    import torch
 
-    @staticmethod
-    @functools.cache
-    def function():
-        import torch
+    class HeadLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets):
+            n = hidden.shape[0]
+            grad = torch.empty_like(hidden)
+            wide = torch.promote_types(weight.dtype, torch.float32)  # the softmax's dtype
+            total = torch.zeros((), dtype=wide, device=hidden.device)
+            for s in range(0, n, HEAD_CHUNK):
+                h = hidden[s:s + HEAD_CHUNK].to(weight.dtype)
+                t = targets[s:s + HEAD_CHUNK]
+                rows, pad = len(t), -len(t) % 16  # the last chunk in a few shapes, not one per step
+                if pad:
+                    h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+                logits = (h @ weight.T).to(wide)
+                lse = torch.logsumexp(logits, -1)
+                total += (lse[:rows] - logits[:rows].gather(1, t[:, None])[:, 0]).sum()
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(rows, device=p.device), t] -= 1
+                grad[s:s + rows] = (p.div_(n).to(weight.dtype) @ weight)[:rows].to(hidden.dtype)
+            ctx.save_for_backward(grad)
+            return total / n
 
-        class HeadLoss(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, hidden, weight, targets):
-                n = hidden.shape[0]
-                grad = torch.empty_like(hidden)
-                wide = torch.promote_types(weight.dtype, torch.float32)  # the softmax's dtype
-                total = torch.zeros((), dtype=wide, device=hidden.device)
-                for s in range(0, n, _HeadLoss.CHUNK):
-                    h = hidden[s:s + _HeadLoss.CHUNK].to(weight.dtype)
-                    t = targets[s:s + _HeadLoss.CHUNK]
-                    rows, pad = len(t), -len(t) % 16  # the last chunk in a few shapes, not one per step
-                    if pad:
-                        h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
-                    logits = (h @ weight.T).to(wide)
-                    lse = torch.logsumexp(logits, -1)
-                    total += (lse[:rows] - logits[:rows].gather(1, t[:, None])[:, 0]).sum()
-                    p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                    p[torch.arange(rows, device=p.device), t] -= 1
-                    p[rows:] = 0
-                    grad[s:s + rows] = (p.div_(n).to(weight.dtype) @ weight)[:rows].to(hidden.dtype)
-                ctx.save_for_backward(grad)
-                return total / n
+        @staticmethod
+        def backward(ctx, g):
+            (grad,) = ctx.saved_tensors
+            return grad * g.to(grad.dtype), None, None
 
-            @staticmethod
-            def backward(ctx, g):
-                (grad,) = ctx.saved_tensors
-                return grad * g.to(grad.dtype), None, None
-
-        return HeadLoss
+    return HeadLoss
 
 
 def _base(model):
@@ -143,8 +134,14 @@ def _plain_head(model):
 
 
 def head_loss(hidden, weight, targets):
-    """Mean next-token cross-entropy of the head ``weight`` over ``hidden`` rows, without holding all logits."""
-    return _HeadLoss.function().apply(hidden, weight, targets)
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ``HEAD_CHUNK`` rows at a time.
+
+    The full logits (rows x a 49k vocabulary, in float32) were the largest tensors of a step and its memory
+    peak (softmax backward). Here each chunk's logits live only while its loss and its gradient are taken; the
+    gradient with respect to ``hidden`` is computed in the forward pass (the loss is a scalar, so backward
+    only scales it), which also spares recomputing the logits. ``weight`` is frozen: it gets no gradient.
+    """
+    return _head_loss_function().apply(hidden, weight, targets)
 
 
 def task_loss(model, batch: dict):
@@ -264,19 +261,18 @@ def trainable_model(qdir: Path, adapter: AdapterConfig, cfg: TrainConfig, device
     return Trainable(model, dtype, packed, mixed, frozen)
 
 
-def restore(trainable: Trainable, qdir: Path, model=None) -> None:
-    """Make the trained model (``model``: the trainable's, unwrapped) compute as the quality gate's reference
-    does: float32 4-bit matmuls and frozen weights, SDPA attention."""
+def restore(trainable: Trainable, qdir: Path) -> None:
+    """Make the trained model compute as the quality gate's reference does: float32 4-bit matmuls and frozen
+    weights, SDPA attention."""
     import torch
 
     from edgepeft.models import packed as packed_attention
     from edgepeft.models.pytorch import restore_frozen, set_compute_dtype
 
-    model = model if model is not None else trainable.model
-    set_compute_dtype(model, torch.float32)
+    set_compute_dtype(trainable.model, torch.float32)
     if trainable.frozen:
         restore_frozen(qdir, trainable.frozen)
-    packed_attention.use(model, on=False)
+    packed_attention.use(trainable.model, on=False)
 
 
 def packable(config, adapter: AdapterConfig, cfg: TrainConfig) -> bool:

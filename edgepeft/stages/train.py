@@ -221,7 +221,7 @@ def _fit(ctx: StageContext, recipe, output: Path, work: Path) -> dict:
            f"{figures['replay_loss_last10_mean']:.3f}" if replay else ""))
 
     if cfg.eval_examples > 0 and main:
-        training.restore(setup, qdir, model)  # judged as the gate's reference computes it
+        training.restore(setup, qdir)  # judged as the gate's reference computes it
         figures.update(_validation(model, tokenizer, splits["validation"], cfg, adapter.method))
     if not math.isfinite(losses[-1]):
         raise EdgepeftError("[train] loss became NaN/inf; lower lr")
